@@ -30,7 +30,7 @@ def test_readme_is_generated_from_index():
 
 def test_sidebar_lists_notebooks_in_reading_order():
     listed = re.findall(r"^\s*-\s*(\S+\.ipynb)", (ROOT / "nbs" / "sidebar.yml").read_text(), re.M)
-    numbered = sorted(p.name for p in (ROOT / "nbs").glob("[0-9][0-9]_*.ipynb"))
+    numbered = sorted(p.name for p in (ROOT / "nbs").glob("[0-9][0-9]*.ipynb"))
     assert listed == ["index.ipynb"] + numbered
 
 
