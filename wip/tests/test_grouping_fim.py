@@ -1,0 +1,231 @@
+"Task recovery, diagonal Fisher, dissimilarity and grouping: exact checks against naive versions, hooks, cache keys, bad inputs."
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tgr.core import TGRError
+from tgr.models import build_model
+from tgr.pool import Pool, PoolMember
+from tgr.inversion import InversionConfig, RecoveredTask, recover_task, recover_pool_tasks, task_key
+from tgr.fim import (diag_fim, diag_fim_loop, dissimilarity, similarity, embed_pool, embed_task, make_probe,
+                     FISHER_LABELS)
+from tgr.grouping import group_models, choose_n_groups, task_groups, within_group_mean, random_groupings
+
+TINY = InversionConfig(per_class=2, steps=2, ngf=8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_tmp_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TGR_CACHE", str(tmp_path / "cache"))
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def fake_pool(seed: int, n: int = 4) -> Pool:
+    "Untrained Conv4 members with given weights: enough for everything that does not need accurate teachers."
+    members = []
+    for i in range(n):
+        torch.manual_seed(1000 * seed + i)
+        m = build_model("conv4", 3, 32)
+        with torch.no_grad():
+            for mod in m.modules():
+                if isinstance(mod, nn.BatchNorm2d):
+                    mod.running_mean.uniform_(-0.5, 0.5); mod.running_var.uniform_(0.5, 2)
+        members.append(PoolMember(index=i, arch="conv4", classes=[i, i + 1, i + 2], class_names=["a", "b", "c"],
+                                  class_domains=["latin"] * 3, heldout_acc=0.5, img_size=32, in_ch=3,
+                                  weights={k: v.clone() for k, v in m.state_dict().items()}))
+    return Pool(members, config={"fake": seed})
+
+
+def naive_eq6(E, eps=1e-8):
+    "Eq. 6 pair by pair, in plain Python over coordinates."
+    E = np.asarray(E, dtype=np.float64); E = E / E.mean(); n = len(E); W = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            if i == j: continue
+            s = E[i] + E[j] + eps
+            a, b = E[i] / s, E[j] / s
+            W[i, j] = 1 - sum(p * q for p, q in zip(a, b)) / max(np.sqrt((a * a).sum() * (b * b).sum()), eps)
+    return W
+
+
+# --- diagonal Fisher -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["mlp", "conv4"])
+def test_diag_fim_matches_per_sample_loop(arch):
+    torch.manual_seed(0)
+    if arch == "mlp":
+        model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 4))
+        x = torch.randn(13, 3, 2, 2); y = torch.randint(0, 4, (13,))
+        model.train(); model(torch.randn(32, 3, 2, 2))          # non-trivial running statistics
+    else:
+        model = build_model("conv4", 5, 32); x = torch.rand(9, 3, 32, 32); y = torch.randint(0, 5, (9,))
+    for chunk in (1, 4, 64):
+        torch.testing.assert_close(diag_fim(model, x, y, chunk_size=chunk), diag_fim_loop(model, x, y), rtol=1e-5, atol=1e-8)
+    # by hand, for the first parameter: mean over samples of the squared gradient of log p(y|x), in eval mode
+    model.eval(); p0 = next(model.parameters()); acc = torch.zeros_like(p0)
+    for i in range(len(x)):
+        lp = torch.log_softmax(model(x[i:i + 1]), -1)[0, y[i]]
+        acc += torch.autograd.grad(lp, p0)[0] ** 2 / len(x)
+    torch.testing.assert_close(diag_fim(model, x, y)[:p0.numel()], acc.flatten(), rtol=1e-5, atol=1e-8)
+
+
+def test_diag_fim_weights_subset_and_modes():
+    torch.manual_seed(1)
+    model = build_model("conv4", 3, 32).train()
+    x, y, w = torch.rand(6, 3, 32, 32), torch.randint(0, 3, (6,)), torch.rand(6)
+    names = ["encoder.block1.bn.weight", "head.weight"]
+    f = diag_fim(model, x, y, params=names, weights=w)
+    assert f.shape == (32 + 3 * model.feat_dim,)
+    torch.testing.assert_close(f, diag_fim_loop(model, x, y, params=names, weights=w), rtol=1e-5, atol=1e-8)
+    assert model.training and model.encoder.block1.bn.training           # the caller's mode is restored
+    assert (f >= 0).all()
+
+
+def test_embedding_label_modes():
+    torch.manual_seed(2)
+    task = RecoveredTask(torch.rand(12, 3, 32, 32), torch.arange(3).repeat_interleave(4), member_index=0)
+    probe = make_probe("random-conv4")
+    embs = {lab: embed_task(task, probe, labels=lab) for lab in FISHER_LABELS}
+    for lab, e in embs.items():
+        assert e.labels == lab and e.params == "encoder" and e.fisher.shape == (probe.n_params(),) and (e.fisher >= 0).all()
+    torch.testing.assert_close(embed_task(task, probe, labels="sampled").fisher, embs["sampled"].fisher)   # seeded
+    with pytest.raises(TGRError, match="choose one of"): embed_task(task, probe, labels="soft")
+
+
+# --- Eq. 6 and Appendix E ---------------------------------------------------------------------------------
+
+def test_dissimilarity_properties_and_naive_eq6():
+    g = torch.Generator().manual_seed(0)
+    E = torch.rand(7, 40, generator=g) ** 3; E[2, :10] = 0; E[5] = 3 * E[4]
+    W = dissimilarity(E)
+    assert torch.equal(W, W.T) and torch.equal(W.diag(), torch.zeros(7))
+    assert W.min() >= 0 and W.max() <= 1
+    np.testing.assert_allclose(W.numpy(), naive_eq6(E.numpy()), atol=1e-10)
+    assert W[4, 5] < 1e-8                                                   # proportional embeddings: 0
+    np.testing.assert_allclose(dissimilarity(E, max_elements=50).numpy(), W.numpy(), atol=1e-12)   # blocking
+
+
+def test_similarity_is_cosine_of_normalised_embeddings():
+    E = torch.rand(5, 30) ** 2
+    S = similarity(E)
+    U = E.double() / E.double().norm(dim=1, keepdim=True)
+    torch.testing.assert_close(S, (U @ U.T).fill_diagonal_(1.0))
+    assert torch.equal(S, S.T) and S.min() >= 0
+
+
+def test_bad_embeddings():
+    with pytest.raises(TGRError, match="non-negative"): dissimilarity(-torch.rand(3, 4))
+    with pytest.raises(TGRError, match="NaN"): dissimilarity(torch.full((3, 4), float("nan")))
+    with pytest.raises(TGRError, match="2-D"): similarity(torch.rand(4))
+
+
+# --- grouping ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,n_groups", [(5, 1), (9, 3), (20, 5), (20, "auto"), (6, 6)])
+@pytest.mark.parametrize("mode", ["dissimilarity", "similarity"])
+def test_groups_partition_the_models(n, n_groups, mode):
+    E = torch.rand(n, 50, generator=torch.Generator().manual_seed(n)) ** 3
+    A = dissimilarity(E) if mode == "dissimilarity" else similarity(E)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        groups = group_models(A, n_groups, seed=0, mode=mode)
+    flat = [i for g in groups for i in g]
+    assert sorted(flat) == list(range(n)) and len(flat) == n                 # each model exactly once
+    assert all(g == sorted(g) and g for g in groups)
+    if n_groups != "auto": assert len(groups) == n_groups
+    assert group_models(A, n_groups, seed=0, mode=mode) == groups            # deterministic for a seed
+
+
+def test_grouping_by_dissimilarity_beats_random_groups():
+    fam = np.repeat(np.arange(5), 4)
+    W = np.where(fam[:, None] == fam[None, :], 0.1, 0.9); np.fill_diagonal(W, 0)
+    groups = group_models(W, 4)
+    rand = [within_group_mean(W, r) for r in random_groupings(groups, 300)]
+    assert within_group_mean(W, groups) > np.mean(rand)
+    S = 1 - W; np.fill_diagonal(S, 1)
+    assert choose_n_groups(S, range(2, 9), mode="similarity")[0] == 5
+
+
+def test_grouping_bad_inputs_and_flat_warning():
+    W = dissimilarity(torch.rand(6, 10) ** 2)
+    for bad, msg in [(W[:3], "square"), (-W, "non-negative"), (W + torch.triu(torch.ones(6, 6), 1), "symmetric")]:
+        with pytest.raises(TGRError, match=msg): group_models(bad, 2)
+    for k in (0, 7, 2.5, True):
+        with pytest.raises(TGRError, match="n_groups"): group_models(W, k)
+    with pytest.raises(TGRError, match="choose one of"): group_models(W, 2, mode="kmeans")
+    flat = torch.full((6, 6), 0.3).fill_diagonal_(0)
+    with pytest.warns(UserWarning, match="nearly constant"): group_models(flat, 2)
+    S = torch.rand(6, 6); S = ((S + S.T) / 2).fill_diagonal_(1)
+    with pytest.warns(UserWarning, match="similarity matrix"): group_models(S, 2)
+
+
+# --- inversion -------------------------------------------------------------------------------------------
+
+def test_inversion_loss_falls():
+    torch.manual_seed(0)
+    teacher = build_model("conv4", 4, 32)
+    for m in teacher.modules():                  # BN statistics of "training data": uniform noise images
+        if isinstance(m, nn.BatchNorm2d): m.momentum = None
+    with torch.no_grad(): teacher.train()(torch.rand(256, 3, 32, 32))
+    task = recover_task(teacher.eval(), 4, per_class=4, steps=25, ngf=16, lr=0.01)
+    L = task.losses["total"]
+    assert len(L) == 25 and np.mean(L[-5:]) < 0.7 * np.mean(L[:5])
+    assert task.best_step == int(np.argmin(L))
+    x, y = task
+    assert x.shape == (16, 3, 32, 32) and torch.equal(y, torch.arange(4).repeat_interleave(4))
+
+
+@pytest.mark.parametrize("arch", ["conv4", "resnet10"])
+def test_hooks_are_removed_and_teacher_unchanged(arch):
+    torch.manual_seed(0)
+    teacher = build_model(arch, 5, 32).train()
+    flags = [p.requires_grad for p in teacher.parameters()]
+    probe = torch.rand(4, 3, 32, 32)
+    teacher.eval(); before = teacher(probe).detach(); teacher.train()
+    state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    recover_task(teacher, 5, per_class=2, steps=2, ngf=8)
+    assert all(len(m._forward_hooks) == 0 for m in teacher.modules())
+    assert teacher.training and [p.requires_grad for p in teacher.parameters()] == flags
+    for k, v in teacher.state_dict().items(): assert torch.equal(v, state[k]), k   # running stats untouched
+    teacher.eval(); assert torch.equal(teacher(probe), before)
+    with pytest.raises(TGRError, match="n_classes"):                        # an error inside the hooked loop
+        recover_task(teacher, 9, per_class=1, steps=2, ngf=8)
+    assert all(len(m._forward_hooks) == 0 for m in teacher.modules())
+
+
+def test_teacher_without_bn_warns_and_uses_ce_only():
+    teacher = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    with pytest.warns(UserWarning, match="no BatchNorm"):
+        t = recover_task(teacher, 3, per_class=2, steps=2, ngf=8)
+    assert t.settings["use_bn"] is False and max(t.losses["bn"]) == 0
+    with pytest.raises(TGRError, match="no loss term"): recover_task(teacher, 3, per_class=2, steps=2, ngf=8, use_ce=False)
+
+
+# --- caching: keys follow the pool ------------------------------------------------------------------------
+
+def test_cache_keys_include_the_pool(tmp_path):
+    a, b = fake_pool(1), fake_pool(2)
+    ga = task_groups(a, 2, TINY, probe="random-conv4", show_progress=False)
+    gb = task_groups(b, 2, TINY, probe="random-conv4", show_progress=False)
+    assert ga.key != gb.key and not torch.equal(ga.W, gb.W)
+    again = task_groups(fake_pool(1), 2, TINY, probe="random-conv4", show_progress=False)
+    assert again.key == ga.key and torch.equal(again.W, ga.W)
+    swapped = Pool([a[1], a[0], a[2], a[3]], a.config)
+    assert task_groups(swapped, 2, TINY, probe="random-conv4", show_progress=False).key != ga.key
+    assert task_key(a[0], TINY) != task_key(b[0], TINY)
+    # tasks of one pool cannot be embedded as another pool's
+    tasks_a = recover_pool_tasks(a, TINY, show_progress=False)
+    c = fake_pool(1); c[0].classes = [7, 8, 9]
+    with pytest.raises(TGRError, match="does not belong"): embed_pool(c, tasks_a, "random-conv4", show_progress=False)
+
+
+def test_probe_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("TGR_RESNET34_WEIGHTS", str(tmp_path / "missing.pth"))
+    with pytest.raises(TGRError, match="TGR_RESNET34_WEIGHTS"): make_probe("imagenet-resnet34")
+    with pytest.raises(TGRError, match="choose one of"): make_probe("clip")
+    with pytest.raises(TGRError, match="recovered tasks"): make_probe("distilled")
