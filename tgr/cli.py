@@ -8,43 +8,43 @@ import dataclasses, json, shlex, sys, time
 from dataclasses import dataclass, fields, asdict, replace
 from pathlib import Path
 
-from fastcore.script import call_parse, Param, store_true
+import argparse
+from fastcore.script import anno_parser, Param, store_true
 
 from .core import (TGRError, Timer, config_hash, git_commit, peak_memory_mb, prepare_run_dir, save_json,
                       seed_everything, to_jsonable, get_device)
 from .data import load_benchmark
-from .pool import PoolConfig, build_pool
+from .train import MetaTrainConfig, meta_train
+from .evaluate import meta_test, evaluate_baselines, results_table
 
 # %% auto 0
-__all__ = ['PRESETS', 'PRESET_HELP', 'RunConfig', 'resolve_config', 'describe_presets', 'run', 'main']
+__all__ = ['RunConfig', 'PRESETS', 'METHODS', 'PRESET_HELP', 'resolve_config', 'describe_presets', 'preflight', 'run',
+           'format_results', 'main']
 
 # %% ../nbs/12_cli.ipynb
-@dataclass(frozen=True)
-class RunConfig:
-    "Every setting of a `tgr run`; defaults are the paper's (Sec. 5.1 and App. A of the TGR paper) where it gives one."
-    benchmark: str = "glyphs"       # name for tgr.data.load_benchmark
-    root: str | None = None         # data root for real benchmarks
-    seed: int = 0
-    device: str = "auto"
-    # pool (notebook 03)
-    n_models: int = 100
-    way: int = 5
-    archs: tuple = ("conv4",)
-    class_sampling: str = "within-domain"
-    pool_epochs: int = 10
-    pool_lr: float = 0.01
-    pool_batch_size: int = 64
+RunConfig = MetaTrainConfig    # every field of the run; see tgr.train
 
-    def pool_config(self) -> PoolConfig:
-        return PoolConfig(benchmark=self.benchmark, root=self.root, n_models=self.n_models, way=self.way,
-                          archs=tuple(self.archs), class_sampling=self.class_sampling, epochs=self.pool_epochs,
-                          lr=self.pool_lr, batch_size=self.pool_batch_size, seed=self.seed)
-
+_PAPER = dict(n_models=100, epochs=1000)
 PRESETS: dict[str, RunConfig] = {
-    "smoke": RunConfig(n_models=6, pool_epochs=2),
-    "quick": RunConfig(),
+    "smoke": RunConfig(n_models=6, pool_epochs=2, inv_steps=5, inv_per_class=6, n_groups=2, epochs=4, m=2, replay_batch=2,
+                       replay_shot=1, replay_query=5, inner_steps=1, eval_every=2, n_val_tasks=10, test_inner_steps=2,
+                       n_test_tasks=20, ckpt_every=2, reinvert_every=0, query=5),
+    "quick": RunConfig(n_models=20, pool_epochs=10, inv_steps=30, inv_per_class=10, inv_ngf=32, inv_lr=0.01, n_groups=3,
+                       epochs=150, reinvert_every=0, replay_shot=1, replay_query=5, eval_every=25, n_val_tasks=50,
+                       n_test_tasks=150, ckpt_every=25),
+    "paper-cifar-fs": RunConfig(benchmark="cifar-fs", **_PAPER),
+    "paper-mini-imagenet": RunConfig(benchmark="mini-imagenet", n_models=100, epochs=1200),
+    "paper-cub": RunConfig(benchmark="cub", **_PAPER),
+    "paper-multi-domain": RunConfig(benchmark="cifar-fs+mini-imagenet+cub", **_PAPER),
+    "paper-multi-arch": RunConfig(benchmark="cifar-fs", archs=("conv4", "resnet10", "resnet18"), **_PAPER),
 }
-PRESET_HELP = {"smoke": "seconds; for tests and CI", "quick": "the README's main job on the glyph benchmark (2 CPU cores)"}
+METHODS: dict[str, dict] = {
+    "tgr": {},                                                   # the presets are TGR: grouping + IGR + replay
+    "free": dict(recovery="meta-generator", alignment="bell", grouping="none", replay=True),   # FREE (CVPR 2024)
+}
+PRESET_HELP = {"smoke": "about a minute; for tests and CI",
+               "quick": "the README's main job: glyph benchmark, 20-member pool, 150 epochs, 150 test tasks (2 CPU cores)",
+               **{k: "the paper's settings; needs root= (the data) and, realistically, a GPU" for k in PRESETS if k.startswith("paper")}}
 
 # %% ../nbs/12_cli.ipynb
 def _parse_value(raw: str, current):
@@ -59,10 +59,12 @@ def _parse_value(raw: str, current):
         raise TGRError(f"expected a {type(current).__name__}, got {raw!r}")
     return val
 
-def resolve_config(preset: str, overrides: list[str] | None = None) -> RunConfig:
-    "A preset with `field=value` overrides applied; unknown presets, fields or malformed values raise `TGRError`."
+def resolve_config(preset: str, overrides: list[str] | None = None, method: str = "tgr") -> RunConfig:
+    """A preset, turned into `method` (tgr or free), with `field=value` overrides applied last; unknown presets,
+    methods, fields or malformed values raise `TGRError`."""
     if preset not in PRESETS: raise TGRError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    cfg, names = PRESETS[preset], {f.name for f in fields(RunConfig)}
+    if method not in METHODS: raise TGRError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    cfg, names = replace(PRESETS[preset], **METHODS[method]), {f.name for f in fields(RunConfig)}
     for item in overrides or []:
         if "=" not in item: raise TGRError(f"override {item!r} is not of the form field=value (e.g. seed=3)")
         k, v = item.split("=", 1)
@@ -79,45 +81,112 @@ def describe_presets() -> str:
     return "\n".join(lines)
 
 # %% ../nbs/12_cli.ipynb
+def _row(r) -> dict: return {"acc": round(r.acc, 2), "ci95": round(r.ci95, 2), "n_tasks": r.n_tasks}
+
+def preflight(cfg: RunConfig) -> None:
+    """Check that the data behind `cfg` exist and can serve its episodes: the benchmark loads for all three splits
+    (a missing `root` fails here), the train split has `way` classes for the pool, and the validation and test
+    splits have `way` classes with `shot + query` images for every shot. Raises `TGRError` naming the fix."""
+    from tgr.data import EpisodeSampler
+    splits = {s: load_benchmark(cfg.benchmark, s, root=cfg.root) for s in ("train", "val", "test")}
+    if cfg.way > splits["train"].n_classes:
+        raise TGRError(f"way={cfg.way} but the train split of {cfg.benchmark!r} has only {splits['train'].n_classes} "
+                       f"classes for the pool members; lower way")
+    EpisodeSampler(splits["val"], cfg.way, cfg.val_shot, cfg.query, 1)
+    for shot in cfg.shots: EpisodeSampler(splits["test"], cfg.way, int(shot), cfg.query, 1)
+
 def run(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
-        argv: list[str] | None = None) -> dict:
-    "Run the pipeline for `cfg` into run directory `out`; returns what is written to results.json."
+        argv: list[str] | None = None, show_progress: bool = True, method: str = "tgr") -> dict:
+    """Meta-train for `cfg` in run directory `out`, meta-test the meta-model (reported under `method`) and the
+    baselines, and write results.json."""
+    cfg.check()
     out = Path(out or f"runs/{config_hash(cfg)}")
-    seed_everything(cfg.seed)
     device = get_device(cfg.device)
-    pool_cfg = cfg.pool_config().check()
-    rd = prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite)
-    save_json({"config": cfg, "git_commit": git_commit(), "argv": argv or sys.argv}, rd/"config.json")
-    timer = Timer()
-    with timer("benchmark"): train = load_benchmark(cfg.benchmark, "train", root=cfg.root)
-    with timer("pool"): pool = build_pool(pool_cfg, dataset=train, device=device)
-    print(pool.summary(5))
-    results = {"config": to_jsonable(cfg), "git_commit": git_commit(), "pool": {"path": str(pool.path),
-               "n_models": len(pool), "heldout_acc_mean": sum(m.heldout_acc for m in pool) / len(pool)},
-               "methods": {}, "timings": {k: round(v, 2) for k, v in timer.seconds.items()},
-               "peak_memory_mb": round(peak_memory_mb()), "device": str(device),
-               "status": "stopped after the pool: meta-training is not implemented yet"}
-    save_json(results, rd/"results.json")
-    print(f"timings (s): {results['timings']}; peak memory {results['peak_memory_mb']} MiB")
-    print(f"Stopped after building the pool: meta-training (Algorithm 1) is not implemented yet. Run directory: {rd}")
+    t0 = time.perf_counter()
+    preflight(cfg)                   # data problems surface now, before a run directory or hours of training
+    tr = meta_train(cfg, out, resume=resume, overwrite=overwrite, show_progress=show_progress)
+    save_json({"config": cfg, "git_commit": git_commit(), "argv": argv or sys.argv}, out/"config.json")
+    timer = Timer(); timer.seconds.update(tr.timings)
+    with timer("test_data"): test = load_benchmark(cfg.benchmark, "test", root=cfg.root)
+    methods: dict = {method: {}, **{b: {} for b in cfg.baselines}}
+    kw = dict(query=cfg.query, n_tasks=cfg.n_test_tasks, inner_steps=cfg.test_inner_steps, inner_lr=cfg.inner_lr,
+              device=device, show_progress=show_progress)
+    for shot in cfg.shots:
+        key = f"{cfg.way}w{shot}s"
+        with timer("meta_test"): methods[method][key] = _row(meta_test(tr.model, test, cfg.way, shot, seed=cfg.seed, **kw))
+        with timer("baselines"):
+            for name, r in evaluate_baselines(tr.stages.pool, test, cfg.way, shot, names=cfg.baselines, seed=cfg.seed, **kw).items():
+                methods[name][key] = _row(r)
+    results = {"config": to_jsonable(cfg), "git_commit": git_commit(), "methods": methods,
+               "selection": {"best_val_acc": tr.best_val_acc, "best_epoch": tr.best_epoch, "split": "val"},
+               "timings": {k: round(v, 2) for k, v in timer.seconds.items()}, "total_seconds": round(time.perf_counter() - t0, 1),
+               "peak_memory_mb": round(peak_memory_mb()), "device": str(device)}
+    save_json(results, out/"results.json")
+    print(format_results(results))
     return results
 
+def format_results(results: dict) -> str:
+    "The results table of a run (accuracy % with 95 % CI over the same seeded test episodes) and its timings."
+    m = results["methods"]; cols = list(next(iter(m.values())).keys())
+    w = max(len(k) for k in m) + 2
+    lines = [f"{'method':{w}s}" + "".join(f"{c:>18s}" for c in cols)]
+    for name, row in m.items():
+        lines.append(f"{name:{w}s}" + "".join(f"{row[c]['acc']:>10.2f} ± {row[c]['ci95']:<5.2f}" for c in cols))
+    n = next(iter(next(iter(m.values())).values()))["n_tasks"]
+    lines.append(f"({n} test tasks per column, {results['config']['query']} queries per class; model selected on the "
+                 f"validation classes at epoch {results['selection']['best_epoch']})")
+    lines.append(f"timings (s): {results['timings']}; total {results['total_seconds']} s; peak memory {results['peak_memory_mb']} MiB")
+    return "\n".join(lines)
+
 # %% ../nbs/12_cli.ipynb
-@call_parse(nested=True)
-def main(command: Param("'run' (the pipeline) or 'presets' (list presets and config fields)", str,
-                        opt=False, choices=["run", "presets"]),
-         preset: Param("named config: smoke, quick", str) = "quick",
-         out: Param("run directory (default: runs/<config hash>)", str) = None,
-         resume: Param("continue the run in --out", store_true) = False,
-         overwrite: Param("replace a run in --out that has another config", store_true) = False):
-    """tgr: data-free meta-learning (TGR, ICML 2024). Usage: tgr run [--preset NAME] [--out DIR] [--resume] [field=value ...].
-    Any config field can be overridden with field=value (e.g. seed=3 n_models=20); `tgr presets` lists presets and fields."""
-    overrides = sys.argv[1:]                      # what argparse did not recognise: the field=value items
+_HELP = """tgr: data-free meta-learning with task groupings regularization (TGR, ICML 2024).
+
+  tgr run [--preset NAME] [--method tgr|free] [--out DIR] [--resume | --overwrite] [field=value ...]
+  tgr presets        (every preset, and every config field with its default)
+
+run builds what is missing (benchmark, pool, recovered tasks, Fisher embeddings, task groups; all cached), meta-trains
+(Algorithm 1), scores the meta-model and the baselines on the same seeded 5-way 1-shot and 5-shot test episodes, prints
+the table and writes config.json, metrics.jsonl, checkpoint.pt and results.json into --out. A killed run continues
+with --resume and the same arguments.
+
+Presets:
+""" + "\n".join(f"  {k:20s} {v}" for k, v in PRESET_HELP.items()) + """
+
+Fields: any config field can be set as field=value, e.g. seed=3 n_models=20 epochs=100 grouping=none alignment=erm
+replay=false root=/data/cifar100 archs=conv4,resnet10 device=cuda. Values are read as JSON where they parse.
+Main fields: benchmark, root, seed, n_models, archs, epochs, m, grouping (dissimilarity|similarity|none), n_groups,
+alignment (igr|erm|bell), beta, replay, recovery (generator|meta-generator), five_k, inv_steps, inv_per_class, reinvert_every, n_test_tasks, shots, device."""
+
+def _arguments(command: Param("run: the pipeline; presets: list presets and config fields", str, opt=False,
+                              choices=["run", "presets"]),
+               preset: Param("named config: " + ", ".join(PRESETS), str) = "quick",
+               method: Param("tgr (grouping + IGR + replay) or free (meta-generator + BELL + replay, no grouping)", str,
+                             choices=list(METHODS)) = "tgr",
+               out: Param("run directory (default: runs/<config hash>)", str) = None,
+               resume: Param("continue the run in --out from its last checkpoint (same config)", store_true) = False,
+               overwrite: Param("replace a run in --out that has another config", store_true) = False):
+    "The command's arguments, read by fastcore.script's `anno_parser`; `main` does the work."
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def _expand_help(self, action): return self._get_help_string(action)
+
+def main(argv: list[str] | None = None):
+    "Entry point of the `tgr` console script (argv: the arguments, default sys.argv[1:])."
+    p = anno_parser(_arguments, prog="tgr"); p.description, p.formatter_class = _HELP, _Formatter
+    a, overrides = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
-        bad = [a for a in overrides if a.startswith("-")]
+        bad = [x for x in overrides if x.startswith("-")]
         if bad: raise TGRError(f"unknown option(s) {bad}; see `tgr --help`")
-        if command == "presets": print(describe_presets()); return
-        cfg = resolve_config(preset, overrides)
-        run(cfg, out, resume=resume, overwrite=overwrite, argv=["tgr", command, "--preset", preset] + overrides)
+        if a.command == "presets":
+            if overrides: raise TGRError(f"`tgr presets` takes no field=value items, got {overrides}")
+            print(describe_presets()); return
+        if a.resume and a.overwrite: raise TGRError("--resume and --overwrite exclude each other: pick one")
+        cfg = resolve_config(a.preset, overrides, a.method)
+        run(cfg, a.out, resume=a.resume, overwrite=a.overwrite, method=a.method,
+            argv=["tgr", a.command, "--preset", a.preset, "--method", a.method] + overrides)
     except TGRError as e:
         print(f"tgr: error: {e}", file=sys.stderr); sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ntgr: interrupted; the last checkpoint is kept: rerun the same command with --resume", file=sys.stderr)
+        sys.exit(130)
+
