@@ -128,17 +128,41 @@ def test_bad_embeddings():
 
 @pytest.mark.parametrize("n,n_groups", [(5, 1), (9, 3), (20, 5), (20, "auto"), (6, 6)])
 @pytest.mark.parametrize("mode", ["dissimilarity", "similarity"])
-def test_groups_partition_the_models(n, n_groups, mode):
+@pytest.mark.parametrize("method", ["spectral", "balanced"])
+def test_groups_partition_the_models(n, n_groups, mode, method):
     E = torch.rand(n, 50, generator=torch.Generator().manual_seed(n)) ** 3
     A = dissimilarity(E) if mode == "dissimilarity" else similarity(E)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        groups = group_models(A, n_groups, seed=0, mode=mode)
+        groups = group_models(A, n_groups, seed=0, mode=mode, method=method)
     flat = [i for g in groups for i in g]
     assert sorted(flat) == list(range(n)) and len(flat) == n                 # each model exactly once
     assert all(g == sorted(g) and g for g in groups)
     if n_groups != "auto": assert len(groups) == n_groups
-    assert group_models(A, n_groups, seed=0, mode=mode) == groups            # deterministic for a seed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert group_models(A, n_groups, seed=0, mode=mode, method=method) == groups   # deterministic for a seed
+    if method == "balanced": assert max(map(len, groups)) - min(map(len, groups)) <= 1
+
+
+def _within_sum_brute_force_best(W, k):
+    "The largest within-group sum of W over all partitions of range(n) into k groups of equal size (tiny n only)."
+    import itertools
+    n = len(W); best = -np.inf
+    for perm in itertools.permutations(range(n)):
+        groups = [perm[i * (n // k):(i + 1) * (n // k)] for i in range(k)]
+        best = max(best, sum(W[i, j] for g in groups for a, i in enumerate(g) for j in g[a + 1:]))
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_balanced_grouping_finds_the_best_equal_size_partition(seed):
+    rng = np.random.default_rng(seed)
+    W = rng.uniform(0.2, 0.7, (8, 8)); W = (W + W.T) / 2; np.fill_diagonal(W, 0)
+    groups = group_models(W, 2, method="balanced", seed=seed, warn_spread=False)
+    ours = sum(W[i, j] for g in groups for a, i in enumerate(g) for j in g[a + 1:])
+    assert [len(g) for g in groups] == [4, 4]
+    assert ours == pytest.approx(_within_sum_brute_force_best(W, 2))
 
 
 def test_grouping_by_dissimilarity_beats_random_groups():
@@ -158,6 +182,7 @@ def test_grouping_bad_inputs_and_flat_warning():
     for k in (0, 7, 2.5, True):
         with pytest.raises(TGRError, match="n_groups"): group_models(W, k)
     with pytest.raises(TGRError, match="choose one of"): group_models(W, 2, mode="kmeans")
+    with pytest.raises(TGRError, match="method 'kmeans' unknown|unknown method"): group_models(W, 2, method="kmeans")
     flat = torch.full((6, 6), 0.3).fill_diagonal_(0)
     with pytest.warns(UserWarning, match="nearly constant"): group_models(flat, 2)
     S = torch.rand(6, 6); S = ((S + S.T) / 2).fill_diagonal_(1)

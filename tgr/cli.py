@@ -119,6 +119,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, ove
                 methods[name][key] = _row(r)
     results = {"config": to_jsonable(cfg), "git_commit": git_commit(), "methods": methods,
                "selection": {"best_val_acc": tr.best_val_acc, "best_epoch": tr.best_epoch, "split": "val"},
+               "groups": [[tr.stages.pool[i].index for i in g] for g in tr.stages.groups],   # pool members' indices
                "timings": {k: round(v, 2) for k, v in timer.seconds.items()}, "total_seconds": round(time.perf_counter() - t0, 1),
                "peak_memory_mb": round(peak_memory_mb()), "device": str(device)}
     save_json(results, out/"results.json")
@@ -135,6 +136,9 @@ def format_results(results: dict) -> str:
     n = next(iter(next(iter(m.values())).values()))["n_tasks"]
     lines.append(f"({n} test tasks per column, {results['config']['query']} queries per class; model selected on the "
                  f"validation classes at epoch {results['selection']['best_epoch']})")
+    if "groups" in results:
+        lines.append(f"task groups ({results['config'].get('grouping')}, {results['config'].get('group_method', 'spectral')}): "
+                     f"sizes {[len(g) for g in results['groups']]}")
     lines.append(f"timings (s): {results['timings']}; total {results['total_seconds']} s; peak memory {results['peak_memory_mb']} MiB")
     return "\n".join(lines)
 
@@ -155,7 +159,7 @@ Presets:
 Fields: any config field can be set as field=value, e.g. seed=3 n_models=20 epochs=100 grouping=none alignment=erm
 replay=false root=/data/cifar100 archs=conv4,resnet10 device=cuda. Values are read as JSON where they parse.
 Main fields: benchmark, root, seed, n_models, archs, epochs, m, grouping (dissimilarity|similarity|none), n_groups,
-alignment (igr|erm|bell), beta, replay, recovery (generator|meta-generator), five_k, inv_steps, inv_per_class, reinvert_every, n_test_tasks, shots, device."""
+group_method (spectral|balanced), alignment (igr|erm|bell), beta, replay, recovery (generator|meta-generator), five_k, inv_steps, inv_per_class, reinvert_every, n_test_tasks, shots, device."""
 
 def _arguments(command: Param("run: the pipeline; presets: list presets and config fields", str, opt=False,
                               choices=["run", "presets"]),

@@ -21,7 +21,7 @@ from .inversion import InversionConfig, inversion_config, recover_pool_tasks
 from .fim import PoolEmbedding, dissimilarity, similarity, embed_pool, DEFAULT_LABELS
 
 # %% auto 0
-__all__ = ['AFFINITIES', 'MIN_RELATIVE_SPREAD', 'Spread', 'affinity_spread', 'choose_n_groups', 'group_models',
+__all__ = ['AFFINITIES', 'MIN_RELATIVE_SPREAD', 'METHODS', 'Spread', 'affinity_spread', 'choose_n_groups', 'group_models',
            'within_group_mean', 'random_groupings', 'TaskGrouping', 'task_groups']
 
 # %% ../nbs/06_grouping.ipynb
@@ -65,6 +65,35 @@ def _spectral(W: np.ndarray, n_groups: int, seed: int) -> np.ndarray:
         return SpectralClustering(n_clusters=n_groups, affinity="precomputed", random_state=seed,
                                   assign_labels="kmeans", n_init=10).fit_predict(W)
 
+def _balanced_sizes(n: int, k: int) -> list[int]: return [n // k + (1 if g < n % k else 0) for g in range(k)]
+
+def _exchange(W: np.ndarray, labels: np.ndarray, k: int, max_swaps: int) -> np.ndarray:
+    "Best-improvement swaps of two models in different groups, while a swap raises the within-group sum of `W`."
+    labels = labels.copy(); idx = np.arange(len(W))
+    S = W @ np.eye(k)[labels]                          # S[i, g]: affinity of model i to the members of group g
+    for _ in range(max_swaps):
+        own = S[idx, labels]; to = S[:, labels]        # to[i, j]: affinity of i to j's group
+        gain = (to - own[:, None]) + (to.T - own[None, :]) - 2 * W
+        gain[labels[:, None] == labels[None, :]] = -np.inf
+        i, j = np.unravel_index(np.argmax(gain), gain.shape)
+        if gain[i, j] <= 1e-12: break
+        a, b = labels[i], labels[j]
+        S[:, a] += W[:, j] - W[:, i]; S[:, b] += W[:, i] - W[:, j]
+        labels[i], labels[j] = b, a
+    return labels
+
+def _balanced(W: np.ndarray, n_groups: int, seed: int, n_init: int = 10, max_swaps: int = 100_000) -> np.ndarray:
+    "Equal-size groups (sizes differ by at most one) with the largest within-group sum of `W`, best of `n_init` seeded starts."
+    base = np.repeat(np.arange(n_groups), _balanced_sizes(len(W), n_groups))
+    rng = np.random.default_rng(seed); best, best_val = None, -np.inf
+    for _ in range(n_init):
+        lab = _exchange(W, rng.permutation(base), n_groups, max_swaps)
+        val = sum(W[np.ix_(lab == g, lab == g)].sum() for g in range(n_groups))
+        if val > best_val + 1e-12: best, best_val = lab, val
+    return best
+
+METHODS = {"spectral": _spectral, "balanced": _balanced}
+
 def _as_groups(labels: np.ndarray) -> list[list[int]]:
     groups = [sorted(np.flatnonzero(labels == k).tolist()) for k in np.unique(labels)]
     return sorted(groups, key=lambda g: g[0])
@@ -83,11 +112,15 @@ def choose_n_groups(W, candidates: Sequence[int] = range(2, 10), seed: int = 0, 
     return max(scores, key=scores.get), scores
 
 def group_models(W, n_groups: int | str = 5, seed: int = 0, mode: str = "dissimilarity",
-                 candidates: Sequence[int] = range(2, 10), warn_spread: bool = True) -> list[list[int]]:
-    """Split the models into `n_groups` groups by spectral clustering (scikit-learn) on the precomputed affinity `W`
-    (Eq. 7): pairs with high affinity share a group. With `mode='dissimilarity'` W is Eq. 6, so dissimilar models
-    are grouped together (TGR); with `mode='similarity'` W is Appendix E's similarity (the ablation).
-    `n_groups='auto'` picks it by the Calinski-Harabasz index among `candidates`. Returns sorted lists of row indices."""
+                 candidates: Sequence[int] = range(2, 10), warn_spread: bool = True,
+                 method: str = "spectral") -> list[list[int]]:
+    """Split the models into `n_groups` groups so that pairs with high affinity `W` share a group. With
+    `mode='dissimilarity'` W is Eq. 6, so dissimilar models are grouped together (TGR); with `mode='similarity'`
+    W is Appendix E's similarity (the ablation). `method='spectral'` is Eq. 7 (scikit-learn's SpectralClustering on
+    the precomputed affinity); `method='balanced'` makes groups of equal size with the largest within-group affinity
+    (pairwise exchanges). `n_groups='auto'` picks it by the Calinski-Harabasz index among `candidates`.
+    Returns sorted lists of row indices."""
+    if method not in METHODS: raise TGRError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     W = _check_affinity(W, mode); n = len(W)
     if isinstance(n_groups, str):
         if n_groups != "auto": raise TGRError(f"n_groups must be a positive integer or 'auto', got {n_groups!r}")
@@ -105,7 +138,7 @@ def group_models(W, n_groups: int | str = 5, seed: int = 0, mode: str = "dissimi
                       "tgr.fim.dissimilarity(E) (zeros on the diagonal)", stacklevel=2)
     if n_groups == 1: return [list(range(n))]
     if n_groups == n: return [[i] for i in range(n)]
-    return _as_groups(_spectral(W, int(n_groups), seed))
+    return _as_groups(METHODS[method](W, int(n_groups), seed))
 
 def within_group_mean(W, groups: Sequence[Sequence[int]]) -> float:
     "Mean of W over all pairs i < j that share a group."
@@ -127,6 +160,7 @@ class TaskGrouping:
     members: list
     W: Tensor                           # the affinity the groups came from (Eq. 6 or Appendix E)
     mode: str
+    method: str
     n_groups: int
     seed: int
     spread: Spread
@@ -138,10 +172,11 @@ class TaskGrouping:
 
 def task_groups(pool, n_groups: int | str = 5, inversion: InversionConfig | str | None = None, probe=None,
                 labels: str = DEFAULT_LABELS, params: str = "encoder", mode: str = "dissimilarity", seed: int = 0,
-                tasks=None, device=None, cache: bool = True, show_progress: bool = True) -> TaskGrouping:
+                tasks=None, device=None, cache: bool = True, show_progress: bool = True, method: str = "spectral") -> TaskGrouping:
     """The whole grouping stage for a pool: recover one task per member (cached), embed each with the probe's
     diagonal Fisher (cached), build W (cached under a key that covers every member of *this* pool), group (Eq. 7)."""
     if mode not in AFFINITIES: raise TGRError(f"unknown mode {mode!r}; choose one of {list(AFFINITIES)}")
+    if method not in METHODS: raise TGRError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     secs = {}
     t0 = time.perf_counter()
     if tasks is None: tasks = recover_pool_tasks(pool, inversion_config(inversion), device=device, cache=cache, show_progress=show_progress)
@@ -155,7 +190,7 @@ def task_groups(pool, n_groups: int | str = 5, inversion: InversionConfig | str 
         W = AFFINITIES[mode](emb)
         if cache: save_artifact(W, path)
     secs["affinity"] = time.perf_counter() - t0; t0 = time.perf_counter()
-    groups = group_models(W, n_groups, seed, mode)
+    groups = group_models(W, n_groups, seed, mode, method=method)
     secs["group"] = time.perf_counter() - t0
-    return TaskGrouping(groups, [[pool[i].index for i in g] for g in groups], W, mode, len(groups), seed,
+    return TaskGrouping(groups, [[pool[i].index for i in g] for g in groups], W, mode, method, len(groups), seed,
                         affinity_spread(W), emb.probe, emb.labels, emb.params, key, secs)

@@ -25,12 +25,12 @@ from .igr import igr_step, erm_step, GradStats
 from .bell import bell_step
 from .inversion import InversionConfig, recover_pool_tasks, recover_member, RecoveredTask
 from .five import MetaGenerator, five_recover
-from .grouping import task_groups
+from .grouping import task_groups, METHODS as _GROUP_METHODS
 from .replay import MemoryBank, maml_outputs
 from .evaluate import meta_test
 
 # %% auto 0
-__all__ = ['ALIGNMENTS', 'GROUPINGS', 'RECOVERIES', 'MetaTrainConfig', 'kd_loss', 'Stages', 'inversion_settings',
+__all__ = ['ALIGNMENTS', 'GROUPINGS', 'GROUP_METHODS', 'RECOVERIES', 'MetaTrainConfig', 'kd_loss', 'Stages', 'inversion_settings',
            'prepare_stages', 'TrainResult', 'meta_train']
 
 # %% ../nbs/09_train.ipynb
@@ -64,6 +64,7 @@ class MetaTrainConfig:
     # grouping (notebooks 05, 06)
     grouping: str = "dissimilarity" # 'dissimilarity' (TGR), 'similarity' (App. E ablation), 'none' (teachers from the whole pool)
     n_groups: int = 5
+    group_method: str = "spectral"  # 'spectral' (Eq. 7, the paper) or 'balanced' (equal-size groups, notebook 06)
     probe: str = "default"
     # meta-training (Algorithm 1)
     meta_arch: str = "conv4"
@@ -106,7 +107,7 @@ class MetaTrainConfig:
         "Raise `TGRError` for values that cannot work, naming the allowed ones."
         self.pool_config().check()
         if self.meta_arch not in MODELS: raise TGRError(f"meta_arch {self.meta_arch!r} unknown; choose from {sorted(MODELS)}")
-        for k, allowed in (("alignment", ALIGNMENTS), ("grouping", GROUPINGS), ("recovery", RECOVERIES)):
+        for k, allowed in (("alignment", ALIGNMENTS), ("grouping", GROUPINGS), ("recovery", RECOVERIES), ("group_method", GROUP_METHODS)):
             if getattr(self, k) not in allowed: raise TGRError(f"{k} must be one of {sorted(allowed)}, got {getattr(self, k)!r}")
         for k in ("epochs", "m", "inv_steps", "inv_per_class", "inv_ngf", "five_k", "bank_size", "replay_batch", "replay_shot", "replay_query",
                   "inner_steps", "n_val_tasks", "n_test_tasks", "eval_every", "ckpt_every", "query", "n_groups"):
@@ -140,6 +141,7 @@ ALIGNMENTS: dict[str, Callable] = {
 }
 ALIGNMENTS["bell"] = lambda model, tasks, loss, cfg: bell_step(model, tasks, loss, inner_lr=cfg.bell_inner_lr)
 GROUPINGS = ("dissimilarity", "similarity", "none")
+GROUP_METHODS = tuple(_GROUP_METHODS)
 RECOVERIES = ("generator", "meta-generator")
 
 # %% ../nbs/09_train.ipynb
@@ -172,7 +174,7 @@ def prepare_stages(cfg: MetaTrainConfig, device=None, timer: Timer | None = None
         with timer("group"):
             probe = None if cfg.probe == "default" else cfg.probe
             grouping = task_groups(pool, min(cfg.n_groups, len(pool)), inv, probe=probe, mode=cfg.grouping, seed=cfg.seed,
-                                   tasks=tasks, device=device, show_progress=show_progress)
+                                   tasks=tasks, device=device, show_progress=show_progress, method=cfg.group_method)
         groups = grouping.groups
     return Stages(pool, tasks, groups, grouping, inv)
 
