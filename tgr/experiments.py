@@ -67,23 +67,36 @@ def repo_root(start: str | Path | None = None) -> Path:
         if (q/"settings.ini").exists(): return q
     return p
 
+def _finished(out: Path, cfg: RunConfig) -> dict | None:
+    res = out/"results.json"
+    if not res.exists(): return None
+    done = json.loads(res.read_text())
+    return {**done, "run": out.name} if done.get("config") == to_jsonable(cfg) else None
+
+_ALL_BASELINES = RunConfig.__dataclass_fields__["baselines"].default
+
 def run_cached(cfg: RunConfig, runs_dir: str | Path, quiet: bool = True, threads: int | None = None) -> dict:
-    "Run `cfg` in `runs_dir/<config hash>` unless a finished run with the same config is there; return its results."
-    if threads: 
+    """Run `cfg` in `runs_dir/<config hash>` unless a finished run with the same config is there; return its results
+    (with `run`, the folder name). A config without baselines also accepts a finished run of the same config with
+    the baselines: training and the meta-model's scores do not depend on them."""
+    if threads:
         import torch; torch.set_num_threads(threads)
     out = Path(runs_dir)/config_hash(cfg)
-    res = out/"results.json"
-    if res.exists():
-        done = json.loads(res.read_text())
-        if done.get("config") == to_jsonable(cfg): return done
+    done = _finished(out, cfg)
+    if done is None and not cfg.baselines:
+        full = replace(cfg, baselines=_ALL_BASELINES)
+        done = _finished(Path(runs_dir)/config_hash(full), full)
+        if done is not None: done["methods"] = {"tgr": done["methods"]["tgr"]}
+    if done is not None: return done
     sink = io.StringIO() if quiet else None
     with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
-        return run_config(cfg, out, resume=(out/"checkpoint.pt").exists(), show_progress=not quiet)
+        r = run_config(cfg, out, resume=(out/"checkpoint.pt").exists(), show_progress=not quiet)
+    return {**r, "run": out.name}
 
-def _run_job(args): 
+def _run_job(args):
     cfg, runs_dir, threads = args
     r = run_cached(cfg, runs_dir, quiet=True, threads=threads)
-    return {k: r[k] for k in ("methods", "selection", "total_seconds", "peak_memory_mb", "git_commit", "groups") if k in r}
+    return {k: r[k] for k in ("run", "methods", "selection", "total_seconds", "peak_memory_mb", "git_commit", "groups") if k in r}
 
 def run_experiment(name: str | Experiment, seeds: Sequence[int] = (0, 1, 2), workers: int = 1, runs_dir=None, results_dir=None,
                    variants: Sequence[str] | None = None, extra: dict | None = None, write: bool = True) -> dict:
@@ -102,7 +115,7 @@ def run_experiment(name: str | Experiment, seeds: Sequence[int] = (0, 1, 2), wor
     if workers > 1:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex: outs = list(ex.map(_run_job, args))
     else: outs = [_run_job(a) for a in args]
-    runs = [{"variant": v, "seed": s, "run": config_hash(cfg), **o} for (v, s, cfg), o in zip(jobs, outs)]
+    runs = [{"variant": v, "seed": s, **o} for (v, s, cfg), o in zip(jobs, outs)]
     summary = {"experiment": exp.name, "title": exp.title, "claim": exp.claim, "benchmark": jobs[0][2].benchmark,
                "base": exp.base, "overrides": exp.overrides, "extra": extra or {}, "variants": {v: exp.variants[v] for v in names},
                "seeds": list(seeds), "config": to_jsonable(jobs[0][2]), "git_commit": git_commit(),
