@@ -18,7 +18,8 @@ from .cli import RunConfig, resolve_config, run as run_config
 
 # %% auto 0
 __all__ = ['EXPERIMENTS', 'Experiment', 'experiment_config', 'repo_root', 'run_cached', 'run_experiment', 'summarize_runs',
-           'format_summary', 'load_summary', 'gradient_curves', 'summary_text']
+           'format_summary', 'load_summary', 'verdict', 'results_overview', 'gradient_curves', 'summary_text',
+           'save_gradient_curves']
 
 # %% ../nbs/11_experiments.ipynb
 @dataclass(frozen=True)
@@ -31,22 +32,38 @@ class Experiment:
     base: str = "quick"
     overrides: dict = field(default_factory=dict)   # applied to every variant, before the variant's own
     claim: str = ""                    # the paper's claim this experiment tests
+    better: tuple = ()                 # (a, b) pairs: the claim says a scores higher than b
+    paper: dict = field(default_factory=dict)   # the paper's numbers for the same rows (a different benchmark)
+    paper_benchmark: str = ""
+
+_BASE3 = ("finetune", "best_model", "average")
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     Experiment("table1_main", "Table 1: single domain (Latin glyphs), TGR against the baselines",
                {"tgr": {}}, baselines=True, overrides={"benchmark": "glyphs-latin"},
-               claim="TGR beats Finetune, Best-Model and Average at 5-way 1-shot and 5-shot"),
+               claim="TGR beats Finetune, Best-Model and Average at 5-way 1-shot and 5-shot",
+               better=tuple(("tgr", b) for b in _BASE3), paper_benchmark="CIFAR-FS",
+               paper={"tgr": {"5w1s": 43.58, "5w5s": 57.49}, "finetune": {"5w1s": 28.59, "5w5s": 34.77},
+                      "best_model": {"5w1s": 21.68, "5w5s": 25.05}, "average": {"5w1s": 23.96, "5w5s": 27.04}}),
     Experiment("table2_multidomain", "Table 2: multi-domain (Latin, Greek and Cyrillic glyphs), TGR against the baselines",
                {"tgr": {}}, baselines=True,
-               claim="TGR beats the baselines when the pool spans several domains"),
+               claim="TGR beats the baselines when the pool spans several domains",
+               better=tuple(("tgr", b) for b in _BASE3), paper_benchmark="CIFAR-FS + miniImageNet + CUB",
+               paper={"tgr": {"5w1s": 32.04, "5w5s": 44.88}, "finetune": {"5w1s": 24.85, "5w5s": 28.35}}),
     Experiment("table4_modules", "Table 4: module ablation (grouping and IGR; replay on in every row)",
                {"vanilla": {"grouping": "none", "alignment": "erm"}, "+grouping": {"alignment": "erm"},
                 "+igr": {"grouping": "none"}, "tgr": {}},
-               claim="grouping and IGR each help, and together help most"),
+               claim="grouping and IGR each help, and together help most",
+               better=(("+grouping", "vanilla"), ("+igr", "vanilla"), ("tgr", "+grouping"), ("tgr", "+igr")),
+               paper_benchmark="CIFAR-FS",
+               paper={"vanilla": {"5w1s": 41.84, "5w5s": 55.01}, "+grouping": {"5w1s": 43.06, "5w5s": 55.84},
+                      "+igr": {"5w1s": 43.25, "5w5s": 55.54}, "tgr": {"5w1s": 43.58, "5w5s": 57.49}}),
     Experiment("table8_grouping", "Table 8: grouping dissimilar models against grouping similar ones (and our balanced groups)",
                {"dissimilarity": {}, "similarity": {"grouping": "similarity"},
                 "dissimilarity, balanced": {"group_method": "balanced"}},
-               claim="grouping dissimilar models beats grouping similar models"),
+               claim="grouping dissimilar models beats grouping similar models",
+               better=(("dissimilarity", "similarity"),), paper_benchmark="CIFAR-FS",
+               paper={"similarity": {"5w1s": 43.54, "5w5s": 55.71}, "dissimilarity": {"5w1s": 43.58, "5w5s": 57.49}}),
 ]}
 
 def experiment_config(exp: Experiment, variant: str, seed: int, extra: dict | None = None) -> RunConfig:
@@ -121,7 +138,8 @@ def run_experiment(name: str | Experiment, seeds: Sequence[int] = (0, 1, 2), wor
                "seeds": list(seeds), "config": to_jsonable(jobs[0][2]), "git_commit": git_commit(),
                "wall_seconds": round(time.perf_counter() - t0, 1),
                "compute_seconds": round(sum(r["total_seconds"] for r in runs), 1),
-               "runs": runs, "rows": summarize_runs(runs)}
+               "runs": runs, "rows": summarize_runs(runs), "better": [list(p) for p in exp.better],
+               "paper": exp.paper, "paper_benchmark": exp.paper_benchmark}
     if write: save_json(summary, results_dir/f"{exp.name}.json")
     return summary
 
@@ -164,6 +182,34 @@ def load_summary(name: str, results_dir=None) -> dict:
     return json.loads(p.read_text())
 
 # %% ../nbs/11_experiments.ipynb
+def verdict(summary: dict, a: str, b: str) -> str:
+    "'holds', 'fails' or 'mixed' for the claim that `a` scores higher than `b` (see above)."
+    cell = {(r["name"], r["setting"]): r for r in summary["rows"]}
+    settings = list(dict.fromkeys(r["setting"] for r in summary["rows"]))
+    for n in (a, b):
+        if (n, settings[0]) not in cell: raise TGRError(f"{summary['experiment']} has no row {n!r}")
+    diff = [cell[a, s]["mean"] - cell[b, s]["mean"] for s in settings]
+    paired = all(cell[a, s]["per_seed"][k] > cell[b, s]["per_seed"][k] for s in settings for k in cell[a, s]["per_seed"])
+    if all(d > 0 for d in diff) and paired: return "holds"
+    if all(d < 0 for d in diff): return "fails"
+    return "mixed"
+
+def results_overview(results_dir=None, names: Sequence[str] | None = None) -> str:
+    "Every committed experiment summary: our table beside the paper's numbers, and a verdict per comparison of its claim."
+    rd = Path(results_dir or repo_root()/"results")
+    names = names or [n for n in EXPERIMENTS if (rd/f"{n}.json").exists()]
+    blocks = []
+    for n in names:
+        s = load_summary(n, rd)
+        lines = [format_summary(s)]
+        if s.get("paper"):
+            lines.append(f"paper ({s['paper_benchmark']}, a different benchmark): " + "; ".join(
+                f"{k} " + " / ".join(f"{v[c]:.2f}" for c in v) for k, v in s["paper"].items()) + "  (5w1s / 5w5s)")
+        lines.append(f"claim: {s['claim']}; " + ", ".join(f"{a} > {b}: {verdict(s, a, b)}" for a, b in s.get("better", [])))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) if blocks else f"no experiment results in {rd}"
+
+# %% ../nbs/11_experiments.ipynb
 def gradient_curves(summary: dict, variants: Sequence[str] = ("+grouping", "tgr"), runs_dir=None) -> dict:
     "Per variant and seed: the epoch-wise gradient_variance, gradient_cosine and sampled members from the run's metrics.jsonl."
     runs_dir = Path(runs_dir or repo_root()/"runs"/"experiments"); out = {}
@@ -176,6 +222,17 @@ def gradient_curves(summary: dict, variants: Sequence[str] = ("+grouping", "tgr"
 
 # %% ../nbs/11_experiments.ipynb
 def summary_text(name: str, results_dir=None) -> str:
-    "The committed summary of experiment `name`, as text, with the claim it tests."
-    s = load_summary(name, results_dir)
-    return format_summary(s) + f"\nclaim tested: {s['claim']}"
+    "The committed summary of experiment `name` as text, beside the paper's numbers, with a verdict per comparison."
+    return results_overview(results_dir, [name])
+
+def save_gradient_curves(summary: dict, runs_dir=None, results_dir=None, variants=("+grouping", "tgr")) -> dict:
+    """Fig. 5: write `results/fig5_gradients.json` with the per-epoch gradient variance and cosine of the ERM and IGR
+    runs of the module ablation (same seeds, same task sequence)."""
+    curves = gradient_curves(summary, variants, runs_dir)
+    out = {"experiment": "fig5_gradients", "source": summary["experiment"], "git_commit": summary["git_commit"],
+           "seeds": summary["seeds"], "variants": {"+grouping": "ERM (mean gradient)", "tgr": "IGR"},
+           "same_teachers": {str(s): curves[(variants[0], s)]["members"] == curves[(variants[1], s)]["members"] for s in summary["seeds"]},
+           "curves": [{"variant": v, "seed": s, **{k: c[k] for k in ("epoch", "gradient_variance", "gradient_cosine")}}
+                      for (v, s), c in curves.items()]}
+    save_json(out, Path(results_dir or repo_root()/"results")/"fig5_gradients.json")
+    return out
