@@ -12,13 +12,7 @@ from tgr.igr import erm_gradient, erm_step, gradient_stats, igr_step, module_los
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    "Tiny tensors: one thread avoids thread hand-off costs (and contention on a shared machine); restored after."
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")      # fixture in conftest.py
 
 
 def _quadratics(m=3, n=6, seed=0):

@@ -11,13 +11,7 @@ from tgr.inversion import BNStatHooks, generator_forward, recover_task
 from tgr.models import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    "Tiny tensors: one thread avoids thread hand-off costs (and contention on a shared machine); restored after."
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")      # fixture in conftest.py
 
 
 TINY = dict(z_dim=8, ngf=4)
