@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tgr.cli import main, PRESETS
+from tgr.cli import main, PRESETS, resolve_config
 
 CLI = [sys.executable, "-c", "from tgr.cli import main; main()"]
 # 30 short epochs so that a kill lands in the middle of meta-training; checkpoints every 3 epochs
@@ -86,6 +86,8 @@ def test_help_explains_presets_and_fields(capsys):
     (["run", "--preset", "smoke", "n_model=3"], "unknown config field"),
     (["run", "--preset", "smoke", "seed=abc"], "expected a int"),
     (["run", "--preset", "smoke", "grouping=clusters"], "grouping must be one of"),
+    (["run", "--preset", "smoke", "n_groups=many"], "positive integer or auto"),
+    (["run", "--preset", "smoke", "n_groups=0"], "positive integer or 'auto'"),
     (["run", "--preset", "smoke", "--sed", "1"], "unknown option"),
     (["run", "--preset", "smoke", "--resume", "--overwrite"], "exclude each other"),
     (["run", "--preset", "paper-cifar-fs"], "root"),                   # no data root given
@@ -98,6 +100,12 @@ def test_bad_inputs_fail_clearly_and_write_nothing(capsys, tmp_path, args, messa
     assert code == 2 and message in err, err
     assert err.startswith("tgr: error:") and "Traceback" not in err
     assert not out.exists(), "a failed start must not create the run directory"
+
+
+def test_n_groups_takes_auto():
+    "n_groups is the one field that takes a number or the word auto (Calinski-Harabasz, notebook 06)."
+    assert resolve_config("smoke", ["n_groups=auto"]).check().n_groups == "auto"
+    assert resolve_config("smoke", ["n_groups=4"]).check().n_groups == 4
 
 
 def test_existing_run_is_never_overwritten(capsys, smoke_run, tmp_path):

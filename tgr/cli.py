@@ -47,9 +47,12 @@ PRESET_HELP = {"smoke": "about a minute; for tests and CI",
                **{k: "the paper's settings; needs root= (the data) and, realistically, a GPU" for k in PRESETS if k.startswith("paper")}}
 
 # %% ../nbs/12_cli.ipynb
-def _parse_value(raw: str, current):
+def _parse_value(raw: str, current, name: str = ""):
     try: val = json.loads(raw)
     except json.JSONDecodeError: val = raw
+    if name == "n_groups" and isinstance(val, str):          # the one field that takes a word or a number
+        if val == "auto": return val
+        raise TGRError(f"expected a positive integer or auto, got {raw!r}")
     if isinstance(current, tuple):
         val = tuple(val) if isinstance(val, list) else tuple(v for v in str(val).split(",") if v)
     elif isinstance(current, bool) and not isinstance(val, bool):
@@ -69,7 +72,7 @@ def resolve_config(preset: str, overrides: list[str] | None = None, method: str 
         if "=" not in item: raise TGRError(f"override {item!r} is not of the form field=value (e.g. seed=3)")
         k, v = item.split("=", 1)
         if k not in names: raise TGRError(f"unknown config field {k!r}; fields are: {', '.join(sorted(names))}")
-        try: cfg = replace(cfg, **{k: _parse_value(v, getattr(cfg, k))})
+        try: cfg = replace(cfg, **{k: _parse_value(v, getattr(cfg, k), k)})
         except TGRError as e: raise TGRError(f"{k}: {e}") from None
     return cfg
 

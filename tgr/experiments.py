@@ -35,6 +35,7 @@ class Experiment:
     better: tuple = ()                 # (a, b) pairs: the claim says a scores higher than b
     paper: dict = field(default_factory=dict)   # the paper's numbers for the same rows (a different benchmark)
     paper_benchmark: str = ""
+    timed: bool = False                # the table shows meta-training and task-recovery seconds (recovery comparisons)
 
 _BASE3 = ("finetune", "best_model", "average")
 
@@ -64,6 +65,11 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                claim="grouping dissimilar models beats grouping similar models",
                better=(("dissimilarity", "similarity"),), paper_benchmark="CIFAR-FS",
                paper={"similarity": {"5w1s": 43.54, "5w5s": 55.71}, "dissimilarity": {"5w1s": 43.58, "5w5s": 57.49}}),
+    Experiment("table6_groups", "Table 6: number of task groups (1 = no grouping: one group of all models trains identically)",
+               {"1": {"grouping": "none"}, **{str(c): {"n_groups": c} for c in range(2, 10)}, "auto": {"n_groups": "auto"}},
+               claim="accuracy first rises with the number of groups, then falls when groups get too small",
+               paper_benchmark="CIFAR-FS (5-way 5-shot only)",
+               paper={str(c): {"5w5s": a} for c, a in zip(range(1, 10), (48.11, 48.79, 48.20, 48.75, 49.00, 49.37, 49.31, 49.24, 48.02))}),
     Experiment("table5_losses", "Table 5: loss components (inversion: L_CE, L_BN; distillation, Eq. 8: soft and hard labels)",
                {"tgr": {}, "w/o L_CE": {"inv_ce": False}, "w/o L_BN": {"inv_bn": False},
                 "w/o soft labels": {"soft_labels": False}, "w/o hard labels": {"hard_labels": False}},
@@ -81,7 +87,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                claim="five adaptation steps beat two, and the meta-generator matches per-task recovery",
                better=(("FREE_5", "FREE_2"), ("FREE_5", "per-task generator")), paper_benchmark="CIFAR-FS",
                paper={"per-task generator": {"5w1s": 38.56, "5w5s": 50.78}, "FREE_2": {"5w1s": 36.56, "5w5s": 47.31},
-                      "FREE_5": {"5w1s": 39.13, "5w5s": 52.58}}),
+                      "FREE_5": {"5w1s": 39.13, "5w5s": 52.58}}, timed=True),
     Experiment("free_table5_modules", "FREE Table 5 analog: module ablation (FIVE = meta-generator, BELL = sequential alignment)",
                {"baseline": {"grouping": "none", "alignment": "erm"},
                 "+FIVE": {"recovery": "meta-generator", "grouping": "none", "alignment": "erm"},
@@ -91,11 +97,11 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                better=(("+FIVE", "baseline"), ("+BELL", "baseline"), ("FREE_5", "+FIVE"), ("FREE_5", "+BELL")),
                paper_benchmark="CIFAR-FS",
                paper={"baseline": {"5w1s": 36.33, "5w5s": 47.67}, "+FIVE": {"5w1s": 37.43, "5w5s": 49.54},
-                      "+BELL": {"5w1s": 38.56, "5w5s": 50.78}, "FREE_5": {"5w1s": 39.13, "5w5s": 52.58}}),
+                      "+BELL": {"5w1s": 38.56, "5w5s": 50.78}, "FREE_5": {"5w1s": 39.13, "5w5s": 52.58}}, timed=True),
     Experiment("tgr_meta_generator", "TGR with the meta-generator (FIVE, k = 5, fresh tasks every epoch) against TGR with per-task inversion",
                {"tgr": {}, "tgr, meta-generator": {"recovery": "meta-generator"}},
                claim="(ours, no paper claim) recovering tasks with the meta-generator keeps TGR's accuracy",
-               better=(("tgr, meta-generator", "tgr"),)),
+               better=(("tgr, meta-generator", "tgr"),), timed=True),
 ]}
 
 def experiment_config(exp: Experiment, variant: str, seed: int, extra: dict | None = None) -> RunConfig:
@@ -168,14 +174,16 @@ def run_experiment(name: str | Experiment, seeds: Sequence[int] = (0, 1, 2), wor
     summary = {"experiment": exp.name, "title": exp.title, "claim": exp.claim, "benchmark": jobs[0][2].benchmark,
                "base": exp.base, "overrides": exp.overrides, "extra": extra or {}, "variants": {v: exp.variants[v] for v in names},
                "seeds": list(seeds), "config": to_jsonable(jobs[0][2]), "git_commit": git_commit(),
-               "wall_seconds": round(time.perf_counter() - t0, 1),
-               "compute_seconds": round(sum(r["total_seconds"] for r in runs), 1),
+               "compute_seconds": round(sum(r["total_seconds"] for r in runs), 1),   # the runs' own time, cached or not
+               "new_runs_wall_seconds": round(time.perf_counter() - t0, 1),            # this call (small when all were cached)
                "runs": runs, "rows": summarize_runs(runs), "better": [list(p) for p in exp.better],
-               "paper": exp.paper, "paper_benchmark": exp.paper_benchmark}
+               "paper": exp.paper, "paper_benchmark": exp.paper_benchmark, "timed": exp.timed}
     if write: save_json(summary, results_dir/f"{exp.name}.json")
     return summary
 
 # %% ../nbs/11_experiments.ipynb
+_TRAIN_STAGES = ("recover", "align", "replay", "validate", "checkpoint")   # not: pool, grouping, meta-test, baselines
+
 def summarize_runs(runs: list[dict]) -> list[dict]:
     "Rows {name, setting, mean, std_seeds, ci95_run, per_seed, n_tasks} from runs [{variant, seed, methods}]."
     rows, first = [], runs[0]["variant"]
@@ -186,10 +194,14 @@ def summarize_runs(runs: list[dict]) -> list[dict]:
         for setting in sel[0]["methods"]["tgr"]:
             cells = [r["methods"][name if is_base else "tgr"][setting] for r in sel]
             accs = np.array([c["acc"] for c in cells])
-            rows.append({"name": name, "baseline": is_base, "setting": setting, "mean": round(float(accs.mean()), 2),
-                         "std_seeds": round(float(accs.std(ddof=1)), 2) if len(accs) > 1 else None,
-                         "ci95_run": round(float(np.mean([c["ci95"] for c in cells])), 2),
-                         "per_seed": {str(r["seed"]): c["acc"] for r, c in zip(sel, cells)}, "n_tasks": cells[0]["n_tasks"]})
+            row = {"name": name, "baseline": is_base, "setting": setting, "mean": round(float(accs.mean()), 2),
+                   "std_seeds": round(float(accs.std(ddof=1)), 2) if len(accs) > 1 else None,
+                   "ci95_run": round(float(np.mean([c["ci95"] for c in cells])), 2),
+                   "per_seed": {str(r["seed"]): c["acc"] for r, c in zip(sel, cells)}, "n_tasks": cells[0]["n_tasks"]}
+            if not is_base and all("timings" in r for r in sel):    # means over seeds: meta-training, and task recovery in it
+                row["train_seconds"] = round(float(np.mean([sum(r["timings"].get(k, 0.0) for k in _TRAIN_STAGES) for r in sel])), 1)
+                row["recover_seconds"] = round(float(np.mean([r["timings"].get("recover", 0.0) for r in sel])), 1)
+            rows.append(row)
     return rows
 
 def format_summary(summary: dict) -> str:
@@ -203,8 +215,15 @@ def format_summary(summary: dict) -> str:
              f"{cell[names[0], settings[0]]['n_tasks']} test episodes per run; commit {summary['git_commit'][:12]}; "
              f"compute {summary['compute_seconds'] / 60:.1f} min",
              f"{'':{w}s}" + "".join(f"{s:>24s}" for s in settings)]
-    lines += [f"{n:{w}s}" + "".join(f"{fmt(cell[n, s]):>24s}" for s in settings) for n in names]
-    lines.append("(accuracy %: mean over seeds ± std across seeds [mean of the per-run 95 % CI])")
+    timed = summary.get("timed", False) and all("train_seconds" in cell[n, settings[0]] for n in names
+                                                 if not cell[n, settings[0]]["baseline"])
+    tcol = lambda n: (f"{cell[n, settings[0]]['train_seconds']:9.0f} {cell[n, settings[0]]['recover_seconds']:9.1f}"
+                      if timed and "train_seconds" in cell[n, settings[0]] else "")
+    if timed: lines[-1] += f"{'train s':>10s} {'recover s':>9s}"
+    lines += [f"{n:{w}s}" + "".join(f"{fmt(cell[n, s]):>24s}" for s in settings) + (" " + tcol(n) if tcol(n) else "") for n in names]
+    lines.append("(accuracy %: mean over seeds ± std across seeds [mean of the per-run 95 % CI]"
+                 + ("; train s: seconds of meta-training per run, recover s: of which task recovery, means over seeds;"
+                    " one thread per run)" if timed else ")"))
     return "\n".join(lines)
 
 def load_summary(name: str, results_dir=None) -> dict:
@@ -236,7 +255,8 @@ def results_overview(results_dir=None, names: Sequence[str] | None = None) -> st
         lines = [format_summary(s)]
         if s.get("paper"):
             lines.append(f"paper ({s['paper_benchmark']}, a different benchmark): " + "; ".join(
-                f"{k} " + " / ".join(f"{v[c]:.2f}" for c in v) for k, v in s["paper"].items()) + "  (5w1s / 5w5s)")
+                f"{k} " + " / ".join(f"{v[c]:.2f}" for c in v) for k, v in s["paper"].items())
+                + f"  ({' / '.join(next(iter(s['paper'].values())))})")
         lines.append(f"claim: {s['claim']}; " + ", ".join(f"{a} > {b}: {verdict(s, a, b)}" for a, b in s.get("better", [])))
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) if blocks else f"no experiment results in {rd}"

@@ -63,7 +63,7 @@ class MetaTrainConfig:
     five_outer_lr: float = 0.001    # FIVE: the meta-generator's lr (FREE's gamma)
     # grouping (notebooks 05, 06)
     grouping: str = "dissimilarity" # 'dissimilarity' (TGR), 'similarity' (App. E ablation), 'none' (teachers from the whole pool)
-    n_groups: int = 5
+    n_groups: int | str = 5         # or 'auto': chosen by the Calinski-Harabasz index among 2..9 (notebook 06)
     group_method: str = "spectral"  # 'spectral' (Eq. 7, the paper) or 'balanced' (equal-size groups, notebook 06)
     probe: str = "default"
     # meta-training (Algorithm 1)
@@ -110,9 +110,11 @@ class MetaTrainConfig:
         for k, allowed in (("alignment", ALIGNMENTS), ("grouping", GROUPINGS), ("recovery", RECOVERIES), ("group_method", GROUP_METHODS)):
             if getattr(self, k) not in allowed: raise TGRError(f"{k} must be one of {sorted(allowed)}, got {getattr(self, k)!r}")
         for k in ("epochs", "m", "inv_steps", "inv_per_class", "inv_ngf", "five_k", "bank_size", "replay_batch", "replay_shot", "replay_query",
-                  "inner_steps", "n_val_tasks", "n_test_tasks", "eval_every", "ckpt_every", "query", "n_groups"):
+                  "inner_steps", "n_val_tasks", "n_test_tasks", "eval_every", "ckpt_every", "query"):
             if int(getattr(self, k)) < 1: raise TGRError(f"{k} must be at least 1, got {getattr(self, k)}")
         if self.reinvert_every < 0: raise TGRError("reinvert_every must be >= 0 (0: never re-invert)")
+        if self.n_groups != "auto" and (isinstance(self.n_groups, (bool, str)) or int(self.n_groups) < 1):
+            raise TGRError(f"n_groups must be a positive integer or 'auto' (Calinski-Harabasz), got {self.n_groups!r}")
         if not (self.soft_labels or self.hard_labels): raise TGRError("soft_labels and hard_labels are both off: Eq. 8 would be empty")
         if not (self.inv_ce or self.inv_bn): raise TGRError("inv_ce and inv_bn are both off: inversion would have no loss")
         if self.replay and self.replay_shot + self.replay_query > self.inv_per_class:
@@ -173,7 +175,8 @@ def prepare_stages(cfg: MetaTrainConfig, device=None, timer: Timer | None = None
     else:
         with timer("group"):
             probe = None if cfg.probe == "default" else cfg.probe
-            grouping = task_groups(pool, min(cfg.n_groups, len(pool)), inv, probe=probe, mode=cfg.grouping, seed=cfg.seed,
+            n_groups = cfg.n_groups if cfg.n_groups == "auto" else min(cfg.n_groups, len(pool))
+            grouping = task_groups(pool, n_groups, inv, probe=probe, mode=cfg.grouping, seed=cfg.seed,
                                    tasks=tasks, device=device, show_progress=show_progress, method=cfg.group_method)
         groups = grouping.groups
     return Stages(pool, tasks, groups, grouping, inv)
