@@ -86,7 +86,7 @@ def test_help_explains_presets_and_fields(capsys):
     (["run", "--preset", "smoke", "n_model=3"], "unknown config field"),
     (["run", "--preset", "smoke", "seed=abc"], "expected a int"),
     (["run", "--preset", "smoke", "grouping=clusters"], "grouping must be one of"),
-    (["run", "--preset", "smoke", "n_groups=many"], "positive integer or auto"),
+    (["run", "--preset", "smoke", "n_groups=many"], "positive integer or 'auto'"),
     (["run", "--preset", "smoke", "n_groups=0"], "positive integer or 'auto'"),
     (["run", "--preset", "smoke", "--sed", "1"], "unknown option"),
     (["run", "--preset", "smoke", "--resume", "--overwrite"], "exclude each other"),

@@ -47,12 +47,11 @@ PRESET_HELP = {"smoke": "about a minute; for tests and CI",
                **{k: "the paper's settings; needs root= (the data) and, realistically, a GPU" for k in PRESETS if k.startswith("paper")}}
 
 # %% ../nbs/12_cli.ipynb
-def _parse_value(raw: str, current, name: str = ""):
+def _parse_value(raw: str, current, takes_word: bool = False):
+    "`raw` as the type of `current`; a field annotated `int | str` (`takes_word`) also keeps a word, for `check()` to judge."
     try: val = json.loads(raw)
     except json.JSONDecodeError: val = raw
-    if name == "n_groups" and isinstance(val, str):          # the one field that takes a word or a number
-        if val == "auto": return val
-        raise TGRError(f"expected a positive integer or auto, got {raw!r}")
+    if takes_word and isinstance(val, str): return val
     if isinstance(current, tuple):
         val = tuple(val) if isinstance(val, list) else tuple(v for v in str(val).split(",") if v)
     elif isinstance(current, bool) and not isinstance(val, bool):
@@ -67,12 +66,13 @@ def resolve_config(preset: str, overrides: list[str] | None = None, method: str 
     methods, fields or malformed values raise `TGRError`."""
     if preset not in PRESETS: raise TGRError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     if method not in METHODS: raise TGRError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
-    cfg, names = replace(PRESETS[preset], **METHODS[method]), {f.name for f in fields(RunConfig)}
+    cfg = replace(PRESETS[preset], **METHODS[method])
+    field_types = {f.name: str(f.type) for f in fields(RunConfig)}; names = set(field_types)
     for item in overrides or []:
         if "=" not in item: raise TGRError(f"override {item!r} is not of the form field=value (e.g. seed=3)")
         k, v = item.split("=", 1)
         if k not in names: raise TGRError(f"unknown config field {k!r}; fields are: {', '.join(sorted(names))}")
-        try: cfg = replace(cfg, **{k: _parse_value(v, getattr(cfg, k), k)})
+        try: cfg = replace(cfg, **{k: _parse_value(v, getattr(cfg, k), "| str" in field_types[k])})
         except TGRError as e: raise TGRError(f"{k}: {e}") from None
     return cfg
 
