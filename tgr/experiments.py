@@ -15,11 +15,13 @@ import numpy as np
 
 from .core import TGRError, config_hash, git_commit, save_json, to_jsonable
 from .cli import RunConfig, resolve_config, run as run_config
+from .data import load_benchmark
+from .pool import build_pool
 
 # %% auto 0
 __all__ = ['EXPERIMENTS', 'Experiment', 'experiment_config', 'repo_root', 'run_cached', 'run_experiment', 'summarize_runs',
            'format_summary', 'load_summary', 'verdict', 'results_overview', 'gradient_curves', 'summary_text',
-           'save_gradient_curves']
+           'save_gradient_curves', 'class_cover_rate', 'save_cover_rates']
 
 # %% ../nbs/11_experiments.ipynb
 @dataclass(frozen=True)
@@ -79,6 +81,10 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                paper={"w/o L_CE": {"5w1s": 32.36, "5w5s": 46.22}, "w/o L_BN": {"5w1s": 41.28, "5w5s": 54.71},
                       "w/o soft labels": {"5w1s": 42.87, "5w5s": 55.53}, "w/o hard labels": {"5w1s": 43.54, "5w5s": 55.75},
                       "tgr": {"5w1s": 43.58, "5w5s": 57.49}}),
+    Experiment("fig6_models", "Fig. 6: number of pool models (and the class cover rate of the pool)",
+               {str(n): {"n_models": n} for n in (5, 10, 20, 40)},
+               claim="accuracy keeps rising as models are added, also once the pool covers every class",
+               better=(("10", "5"), ("20", "10"), ("40", "20")), paper_benchmark="CIFAR-FS (a figure; no numbers given)"),
     # FREE (CVPR 2024): BELL alignment, replay, no grouping; the meta-generator (FIVE) re-recovers the m tasks every epoch
     Experiment("free_table2_recovery", "FREE Table 2 analog: the meta-generator (k = 2, 5 steps) against the per-task generator",
                {"per-task generator": {"alignment": "bell", "grouping": "none"},
@@ -145,7 +151,8 @@ def run_cached(cfg: RunConfig, runs_dir: str | Path, quiet: bool = True, threads
     if done is not None: return done
     sink = io.StringIO() if quiet else None
     with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
-        r = run_config(cfg, out, resume=(out/"checkpoint.pt").exists(), show_progress=not quiet)
+        # a run killed before its first checkpoint left config.json and a few metrics: resuming restarts it at epoch 1
+        r = run_config(cfg, out, resume=(out/"config.json").exists(), show_progress=not quiet)
     return {**r, "run": out.name}
 
 def _run_job(args):
@@ -288,3 +295,20 @@ def save_gradient_curves(summary: dict, runs_dir=None, results_dir=None, variant
                       for (v, s), c in curves.items()]}
     save_json(out, Path(results_dir or repo_root()/"results")/"fig5_gradients.json")
     return out
+
+# %% ../nbs/11_experiments.ipynb
+def class_cover_rate(cfg: RunConfig) -> float:
+    """Fig. 6's cover rate: the fraction of the meta-training classes that at least one model of the pool of `cfg`
+    was trained on. Reads the cached pool (training the members that are missing)."""
+    ds = load_benchmark(cfg.benchmark, "train", root=cfg.root)
+    pool = build_pool(cfg.pool_config(), dataset=ds, show_progress=False)
+    return len({c for m in pool for c in m.classes}) / ds.n_classes
+
+def save_cover_rates(summary: dict, results_dir=None) -> dict:
+    """Add `cover_rate` ({variant: {seed: rate}}) to an experiment summary and rewrite `results/<experiment>.json`.
+    The configs are rebuilt from the summary's experiment, so this works on a committed summary and a warm cache."""
+    exp = Experiment(summary["experiment"], summary["title"], summary["variants"], base=summary["base"], overrides=summary["overrides"])
+    summary["cover_rate"] = {v: {str(s): round(class_cover_rate(experiment_config(exp, v, s, summary.get("extra"))), 4)
+                                 for s in summary["seeds"]} for v in summary["variants"]}
+    save_json(summary, Path(results_dir or repo_root()/"results")/f"{summary['experiment']}.json")
+    return summary
