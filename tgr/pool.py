@@ -21,7 +21,7 @@ from .data import FewShotDataset, load_benchmark
 from .models import build_model, MODELS
 
 # %% auto 0
-__all__ = ['CLASS_SAMPLERS', 'PoolConfig', 'PoolMember', 'Pool', 'pool_dir', 'build_pool', 'load_pool']
+__all__ = ['CLASS_SAMPLERS', 'PoolConfig', 'PoolMember', 'Pool', 'pool_dir', 'build_pool', 'load_pool', 'designed_pool']
 
 # %% ../nbs/03_pool.ipynb
 @dataclass(frozen=True)
@@ -209,3 +209,34 @@ def load_pool(path: str | Path, partial: bool = False) -> Pool:
         raise TGRError(f"pool {path} is missing members {missing[:10]}{'...' if len(missing) > 10 else ''} of {n}; "
                        "rerun build_pool with the same config to finish it")
     return Pool(members, meta["config"], path)
+
+# %% ../nbs/03_pool.ipynb
+def designed_pool(class_sets: Sequence[Sequence[int]], archs: Sequence[str], epochs: int = 10, seed: int = 0,
+                  ds: FewShotDataset | None = None, out_dir: str | Path | None = None, device=None) -> Pool:
+    """Members trained on the given class sets (global class ids of the train split `ds`, default the glyph benchmark's)
+    with the given architectures, one per set; member i is cached as `member_{i:04d}.pt` in a folder keyed by the design."""
+    ds = ds if ds is not None else load_benchmark("glyphs", "train")
+    if len(class_sets) != len(archs):
+        raise TGRError(f"give one architecture per class set: {len(class_sets)} class sets but {len(archs)} archs")
+    bad = [a for a in archs if a not in MODELS]
+    if bad: raise TGRError(f"unknown architecture(s) {bad}; choose from {sorted(MODELS)}")
+    for s in class_sets:
+        if len(s) < 2 or len(set(s)) != len(s) or not all(0 <= int(c) < ds.n_classes for c in s):
+            raise TGRError(f"class set {list(s)} must hold at least 2 distinct class ids in 0..{ds.n_classes - 1} ({ds.name} train)")
+    spec = dict(benchmark=ds.name, design=[sorted(int(c) for c in s) for s in class_sets], archs=list(archs), epochs=epochs, seed=seed)
+    path = Path(out_dir or cache_dir("pools"))/f"design-{config_hash(spec)}"
+    path.mkdir(parents=True, exist_ok=True); device = get_device(device)
+    members = []
+    for i, (cls, arch) in enumerate(zip(spec["design"], archs)):
+        f = path/f"member_{i:04d}.pt"
+        if not is_valid_artifact(f):
+            idx = torch.cat([ds.indices_of(c) for c in cls])
+            lab = torch.cat([torch.full((len(ds.indices_of(c)),), k) for k, c in enumerate(cls)])
+            sub = FewShotDataset(lab, [ds.classes[c] for c in cls], [ds.domain[c] for c in cls], images=ds.get_uint8(idx),
+                                 name=ds.name, split="train")
+            cfg = PoolConfig(n_models=len(class_sets), way=len(cls), archs=(arch,), class_sampling="any", epochs=epochs, seed=seed)
+            m = _train_member(sub, cfg, i, device)
+            m.classes, m.class_names, m.class_domains = list(cls), [ds.classes[c] for c in cls], [ds.domain[c] for c in cls]
+            save_artifact(m.to_dict(), f)
+        members.append(PoolMember(**load_artifact(f)))
+    return Pool(members, config=spec, path=path)
