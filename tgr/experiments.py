@@ -16,12 +16,15 @@ import numpy as np
 from .core import TGRError, config_hash, git_commit, save_json, to_jsonable
 from .cli import RunConfig, resolve_config, run as run_config
 from .data import load_benchmark
-from .pool import build_pool
+from .pool import build_pool, designed_pool
+from .train import inversion_settings
+from .inversion import recover_pool_tasks, member_fingerprint
 
 # %% auto 0
 __all__ = ['EXPERIMENTS', 'Experiment', 'experiment_config', 'repo_root', 'run_cached', 'run_experiment', 'summarize_runs',
            'format_summary', 'load_summary', 'verdict', 'results_overview', 'gradient_curves', 'summary_text',
-           'save_gradient_curves', 'class_cover_rate', 'save_cover_rates']
+           'save_gradient_curves', 'class_cover_rate', 'save_cover_rates', 'gain_design', 'accuracy_gain',
+           'format_gain']
 
 # %% ../nbs/11_experiments.ipynb
 @dataclass(frozen=True)
@@ -317,3 +320,107 @@ def save_cover_rates(summary: dict, results_dir=None) -> dict:
                                  for s in summary["seeds"]} for v in summary["variants"]}
     save_json(summary, Path(results_dir or repo_root()/"results")/f"{summary['experiment']}.json")
     return summary
+
+# %% ../nbs/11_experiments.ipynb
+def gain_design(ds, seed: int, overlaps: Sequence[int] = range(6), archs: Sequence[str] = ("conv4", "resnet10", "resnet18"),
+                n_aux: int = 2, way: int = 5, domain: str = "latin") -> list[dict]:
+    """Fig. 2's members: the basic Conv4 model's classes (drawn from `domain`) and, per overlap k, `n_aux` Conv4 auxiliary
+    models sharing exactly k of them; per architecture, `n_aux` auxiliary models on the basic model's own classes."""
+    pool_cls = [c for c in range(ds.n_classes) if ds.domain[c] == domain]
+    if len(pool_cls) < 2 * way:
+        raise TGRError(f"{ds.name} has {len(pool_cls)} {domain!r} train classes; a design with 0 shared classes needs {2 * way}")
+    if any(not 0 <= int(k) <= way for k in overlaps): raise TGRError(f"overlaps must lie in 0..{way}, got {list(overlaps)}")
+    rng = np.random.default_rng([int(seed), 2024])
+    basic = sorted(rng.choice(pool_cls, way, replace=False).tolist()); rest = [c for c in pool_cls if c not in basic]
+    rows = [{"factor": "basic", "level": "-", "classes": basic, "arch": "conv4"}]
+    for k in overlaps:
+        for _ in range(n_aux):
+            cls = rng.choice(basic, int(k), replace=False).tolist() + rng.choice(rest, way - int(k), replace=False).tolist()
+            rows.append({"factor": "overlap", "level": str(int(k)), "classes": sorted(cls), "arch": "conv4"})
+    rows += [{"factor": "arch", "level": a, "classes": basic, "arch": a} for a in archs for _ in range(n_aux)]
+    return rows
+
+def _gain_job(args):
+    cfg, members, tasks, out, threads = args
+    if threads:
+        import torch; torch.set_num_threads(threads)
+    out = Path(out); res = out/"gain.json"
+    if res.exists(): return json.loads(res.read_text())
+    from tgr.train import meta_train, Stages
+    from tgr.pool import Pool
+    from tgr.evaluate import meta_test
+    t0 = time.perf_counter()
+    st = Stages(Pool(members), tasks, [list(range(len(members)))], None, inversion_settings(cfg))
+    tr = meta_train(cfg, out, overwrite=True, show_progress=False, stages=st)
+    test = load_benchmark(cfg.benchmark, "test", root=cfg.root)
+    accs = {f"{cfg.way}w{s}s": meta_test(tr.model, test, cfg.way, s, query=cfg.query, n_tasks=cfg.n_test_tasks, seed=cfg.seed,
+                                          inner_steps=cfg.test_inner_steps, inner_lr=cfg.inner_lr, show_progress=False)
+            for s in cfg.shots}
+    r = {"methods": {k: {"acc": round(v.acc, 2), "ci95": round(v.ci95, 2), "n_tasks": v.n_tasks} for k, v in accs.items()},
+         "seconds": round(time.perf_counter() - t0, 1), "git_commit": git_commit()}
+    save_json(r, res)
+    return r
+
+def accuracy_gain(seeds: Sequence[int] = (0, 1, 2), overlaps: Sequence[int] = range(6),
+                  archs: Sequence[str] = ("conv4", "resnet10", "resnet18"), n_aux: int = 2, base: str = "quick",
+                  extra: dict | None = None, workers: int = 1, runs_dir=None, results_dir=None, write: bool = True) -> dict:
+    """Fig. 2 (Alg. 2 of the TGR paper): the accuracy gain of training on the basic model's task together with one
+    auxiliary model's, per class overlap and per auxiliary architecture, over `seeds` and `n_aux` auxiliary models each.
+    Writes `results/fig2_accuracy_gain.json`; meta-training runs are cached under `runs_dir`."""
+    if not seeds: raise TGRError("seeds is empty: give at least one seed (the paper's protocol here uses 3)")
+    if n_aux < 1: raise TGRError(f"n_aux must be at least 1, got {n_aux}")
+    kw = {"benchmark": "glyphs-latin", "grouping": "none", "alignment": "erm", "replay": False, "baselines": (), **(extra or {})}
+    cfg0 = replace(resolve_config(base), **kw).check()
+    root = repo_root(); runs_dir = Path(runs_dir or root/"runs"/"fig2"); results_dir = Path(results_dir or root/"results")
+    ds = load_benchmark("glyphs", "train", root=cfg0.root)   # the members' classes: global ids of the glyph train split
+    t0 = time.perf_counter(); jobs, meta = [], []
+    for seed in seeds:
+        design = gain_design(ds, seed, overlaps, archs, n_aux, cfg0.way)
+        pool = designed_pool([d["classes"] for d in design], [d["arch"] for d in design], epochs=cfg0.pool_epochs, seed=seed, ds=ds)
+        cfg_s = replace(cfg0, seed=int(seed))
+        tasks = recover_pool_tasks(pool, inversion_settings(cfg_s), show_progress=False)
+        for j, d in enumerate(design):
+            idx = [0] if j == 0 else [0, j]
+            cfg = replace(cfg_s, n_models=len(idx), m=len(idx)).check()
+            key = config_hash({"config": to_jsonable(cfg), "members": [member_fingerprint(pool[i]) for i in idx]})
+            jobs.append((cfg, [pool[i] for i in idx], [tasks[i] for i in idx], runs_dir/f"gain-{key}", 1 if workers > 1 else None))
+            meta.append({"seed": int(seed), "member": j, **{k: d[k] for k in ("factor", "level", "classes", "arch")},
+                         "shared": len(set(d["classes"]) & set(design[0]["classes"])), "run": f"gain-{key}"})
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex: outs = list(ex.map(_gain_job, jobs))
+    else: outs = [_gain_job(a) for a in jobs]
+    runs = [{**m, **o} for m, o in zip(meta, outs)]
+    base_acc = {(r["seed"], s): r["methods"][s]["acc"] for r in runs if r["factor"] == "basic" for s in r["methods"]}
+    for r in runs: r["gain"] = {s: round(r["methods"][s]["acc"] - base_acc[r["seed"], s], 2) for s in r["methods"]}
+    rows = []
+    for factor in ("overlap", "arch"):
+        for level in dict.fromkeys(r["level"] for r in runs if r["factor"] == factor):
+            sel = [r for r in runs if r["factor"] == factor and r["level"] == level]
+            for s in sel[0]["gain"]:
+                g = np.array([r["gain"][s] for r in sel])
+                rows.append({"factor": factor, "level": level, "setting": s, "gain_mean": round(float(g.mean()), 2),
+                             "gain_std": round(float(g.std(ddof=1)), 2) if len(g) > 1 else None, "n": len(g),
+                             "seed_means": {str(k): round(float(np.mean([r["gain"][s] for r in sel if r["seed"] == k])), 2) for k in seeds}})
+    summary = {"experiment": "fig2_accuracy_gain", "title": "Fig. 2: accuracy gain of joint training (basic Conv4 + one auxiliary model)",
+               "claim": "a copy-like auxiliary model adds nothing, a moderately different one helps, a very different one hurts",
+               "seeds": list(seeds), "n_aux": n_aux, "overlaps": [int(k) for k in overlaps], "archs": list(archs), "base": base,
+               "extra": extra or {}, "config": to_jsonable(cfg0), "git_commit": git_commit(),
+               "compute_seconds": round(sum(r["seconds"] for r in runs), 1), "new_runs_wall_seconds": round(time.perf_counter() - t0, 1),
+               "basic_acc": {f"{k[0]}/{k[1]}": v for k, v in base_acc.items()}, "runs": runs, "rows": rows,
+               "paper_benchmark": "CIFAR-FS (a figure; no numbers given)"}
+    if write: save_json(summary, results_dir/"fig2_accuracy_gain.json")
+    return summary
+
+def format_gain(summary: dict) -> str:
+    "Fig. 2's summary as a text table: mean accuracy gain (points) ± std over seeds x auxiliary models."
+    settings = list(dict.fromkeys(r["setting"] for r in summary["rows"]))
+    cell = {(r["factor"], r["level"], r["setting"]): r for r in summary["rows"]}
+    lines = [summary["title"], f"seeds {summary['seeds']}, {summary['n_aux']} auxiliary models per level and seed; "
+             f"commit {summary['git_commit'][:12]}; compute {summary['compute_seconds'] / 60:.1f} min",
+             f"{'':22s}" + "".join(f"{s:>18s}" for s in settings)]
+    for f, l in dict.fromkeys((r["factor"], r["level"]) for r in summary["rows"]):
+        name = f"{l} shared classes" if f == "overlap" else f"aux {l}"
+        lines.append(f"{name:22s}" + "".join(f"{cell[f, l, s]['gain_mean']:+8.2f} ± {cell[f, l, s]['gain_std'] or 0:5.2f}   " for s in settings))
+    b = summary["basic_acc"]
+    lines.append("basic model alone: " + ", ".join(f"{k} {v:.2f}" for k, v in b.items()))
+    return "\n".join(lines)
