@@ -323,12 +323,13 @@ def save_cover_rates(summary: dict, results_dir=None) -> dict:
 
 # %% ../nbs/11_experiments.ipynb
 def gain_design(ds, seed: int, overlaps: Sequence[int] = range(6), archs: Sequence[str] = ("conv4", "resnet10", "resnet18"),
-                n_aux: int = 2, way: int = 5, domain: str = "latin") -> list[dict]:
-    """Fig. 2's members: the basic Conv4 model's classes (drawn from `domain`) and, per overlap k, `n_aux` Conv4 auxiliary
-    models sharing exactly k of them; per architecture, `n_aux` auxiliary models on the basic model's own classes."""
-    pool_cls = [c for c in range(ds.n_classes) if ds.domain[c] == domain]
+                n_aux: int = 2, way: int = 5, domain: str | None = None) -> list[dict]:
+    """Fig. 2's members: the basic Conv4 model's classes (drawn from the train split `ds`, or from its `domain`) and, per
+    overlap k, `n_aux` Conv4 auxiliary models sharing exactly k of them; per architecture, `n_aux` auxiliary models on the
+    basic model's own classes."""
+    pool_cls = [c for c in range(ds.n_classes) if domain is None or ds.domain[c] == domain]
     if len(pool_cls) < 2 * way:
-        raise TGRError(f"{ds.name} has {len(pool_cls)} {domain!r} train classes; a design with 0 shared classes needs {2 * way}")
+        raise TGRError(f"{ds.name} has {len(pool_cls)} {domain or ''} train classes; a design with 0 shared classes needs {2 * way}")
     if any(not 0 <= int(k) <= way for k in overlaps): raise TGRError(f"overlaps must lie in 0..{way}, got {list(overlaps)}")
     rng = np.random.default_rng([int(seed), 2024])
     basic = sorted(rng.choice(pool_cls, way, replace=False).tolist()); rest = [c for c in pool_cls if c not in basic]
@@ -372,7 +373,7 @@ def accuracy_gain(seeds: Sequence[int] = (0, 1, 2), overlaps: Sequence[int] = ra
     kw = {"benchmark": "glyphs-latin", "grouping": "none", "alignment": "erm", "replay": False, "baselines": (), **(extra or {})}
     cfg0 = replace(resolve_config(base), **kw).check()
     root = repo_root(); runs_dir = Path(runs_dir or root/"runs"/"fig2"); results_dir = Path(results_dir or root/"results")
-    ds = load_benchmark("glyphs", "train", root=cfg0.root)   # the members' classes: global ids of the glyph train split
+    ds = load_benchmark(cfg0.benchmark, "train", root=cfg0.root)   # the members' classes: ids of this train split
     t0 = time.perf_counter(); jobs, meta = [], []
     for seed in seeds:
         design = gain_design(ds, seed, overlaps, archs, n_aux, cfg0.way)
