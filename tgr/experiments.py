@@ -16,8 +16,9 @@ import numpy as np
 from .core import TGRError, config_hash, git_commit, save_json, to_jsonable
 from .cli import RunConfig, resolve_config, run as run_config
 from .data import load_benchmark
-from .pool import build_pool, designed_pool
-from .train import inversion_settings
+from .pool import Pool, build_pool, designed_pool
+from .train import inversion_settings, meta_train, Stages
+from .evaluate import meta_test
 from .inversion import recover_pool_tasks, member_fingerprint
 
 # %% auto 0
@@ -347,12 +348,10 @@ def _gain_job(args):
         import torch; torch.set_num_threads(threads)
     out = Path(out); res = out/"gain.json"
     if res.exists(): return json.loads(res.read_text())
-    from tgr.train import meta_train, Stages
-    from tgr.pool import Pool
-    from tgr.evaluate import meta_test
     t0 = time.perf_counter()
     st = Stages(Pool(members), tasks, [list(range(len(members)))], None, inversion_settings(cfg))
-    tr = meta_train(cfg, out, overwrite=True, show_progress=False, stages=st)
+    # a killed run continues from its last checkpoint (or restarts at epoch 1 if it wrote none)
+    tr = meta_train(cfg, out, resume=(out/"config.json").exists(), show_progress=False, stages=st)
     test = load_benchmark(cfg.benchmark, "test", root=cfg.root)
     accs = {f"{cfg.way}w{s}s": meta_test(tr.model, test, cfg.way, s, query=cfg.query, n_tasks=cfg.n_test_tasks, seed=cfg.seed,
                                           inner_steps=cfg.test_inner_steps, inner_lr=cfg.inner_lr, show_progress=False)
