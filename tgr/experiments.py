@@ -420,7 +420,8 @@ def format_gain(summary: dict) -> str:
              f"{'':22s}" + "".join(f"{s:>18s}" for s in settings)]
     for f, l in dict.fromkeys((r["factor"], r["level"]) for r in summary["rows"]):
         name = f"{l} shared classes" if f == "overlap" else f"aux {l}"
-        lines.append(f"{name:22s}" + "".join(f"{cell[f, l, s]['gain_mean']:+8.2f} ± {cell[f, l, s]['gain_std'] or 0:5.2f}   " for s in settings))
+        lines.append(f"{name:22s}" + "".join(f"{cell[f, l, s]['gain_mean']:+8.2f} ± " + (f"{cell[f, l, s]['gain_std']:5.2f}" if cell[f, l, s]["gain_std"] is not None
+                                                                   else "  n/a") + "   " for s in settings))
     b = summary["basic_acc"]
     lines.append("basic model alone: " + ", ".join(f"{k} {v:.2f}" for k, v in b.items()))
     return "\n".join(lines)
