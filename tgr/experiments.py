@@ -273,7 +273,8 @@ def results_overview(results_dir=None, names: Sequence[str] | None = None) -> st
             lines.append(f"paper ({s['paper_benchmark']}, a different benchmark): " + "; ".join(
                 f"{k} " + " / ".join(f"{v[c]:.2f}" for c in v) for k, v in s["paper"].items())
                 + f"  ({' / '.join(next(iter(s['paper'].values())))})")
-        lines.append(f"claim: {s['claim']}; " + ", ".join(f"{a} > {b}: {verdict(s, a, b)}" for a, b in s.get("better", [])))
+        lines.append(f"claim: {s['claim']}" + ("; " + ", ".join(f"{a} > {b}: {verdict(s, a, b)}" for a, b in s["better"])
+                                               if s.get("better") else " (a trend over the rows: judged in notebook 11, not pairwise)"))
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) if blocks else f"no experiment results in {rd}"
 
