@@ -18,8 +18,8 @@ from .train import MetaTrainConfig, meta_train
 from .evaluate import meta_test, evaluate_baselines, results_table
 
 # %% auto 0
-__all__ = ['RunConfig', 'PRESETS', 'METHODS', 'PRESET_HELP', 'resolve_config', 'describe_presets', 'preflight', 'run',
-           'format_results', 'main']
+__all__ = ['RunConfig', 'PRESETS', 'METHODS', 'PRESET_HELP', 'resolve_config', 'describe_presets', 'score_rows', 'preflight',
+           'run', 'format_results', 'main']
 
 # %% ../nbs/12_cli.ipynb
 RunConfig = MetaTrainConfig    # every field of the run; see tgr.train
@@ -86,6 +86,15 @@ def describe_presets() -> str:
 # %% ../nbs/12_cli.ipynb
 def _row(r) -> dict: return {"acc": round(r.acc, 2), "ci95": round(r.ci95, 2), "n_tasks": r.n_tasks}
 
+def _test_kw(cfg: RunConfig, device=None, show_progress: bool = True) -> dict:
+    return dict(query=cfg.query, n_tasks=cfg.n_test_tasks, inner_steps=cfg.test_inner_steps, inner_lr=cfg.inner_lr,
+                device=device, show_progress=show_progress)
+
+def score_rows(model, test, cfg: RunConfig, device=None, show_progress: bool = True) -> dict:
+    "A meta-model's row ({acc, ci95, n_tasks}) per setting `<way>w<shot>s` of `cfg.shots`, on the seeded test episodes of `cfg`."
+    return {f"{cfg.way}w{shot}s": _row(meta_test(model, test, cfg.way, shot, seed=cfg.seed, **_test_kw(cfg, device, show_progress)))
+            for shot in cfg.shots}
+
 def preflight(cfg: RunConfig) -> None:
     """Check that the data behind `cfg` exist and can serve its episodes: the benchmark loads for all three splits
     (a missing `root` fails here), the train split has `way` classes for the pool, and the validation and test
@@ -111,15 +120,13 @@ def run(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, ove
     save_json({"config": cfg, "git_commit": git_commit(), "argv": argv or sys.argv}, out/"config.json")
     timer = Timer(); timer.seconds.update(tr.timings)
     with timer("test_data"): test = load_benchmark(cfg.benchmark, "test", root=cfg.root)
-    methods: dict = {method: {}, **{b: {} for b in cfg.baselines}}
-    kw = dict(query=cfg.query, n_tasks=cfg.n_test_tasks, inner_steps=cfg.test_inner_steps, inner_lr=cfg.inner_lr,
-              device=device, show_progress=show_progress)
-    for shot in cfg.shots:
-        key = f"{cfg.way}w{shot}s"
-        with timer("meta_test"): methods[method][key] = _row(meta_test(tr.model, test, cfg.way, shot, seed=cfg.seed, **kw))
-        with timer("baselines"):
-            for name, r in evaluate_baselines(tr.stages.pool, test, cfg.way, shot, names=cfg.baselines, seed=cfg.seed, **kw).items():
-                methods[name][key] = _row(r)
+    with timer("meta_test"): methods: dict = {method: score_rows(tr.model, test, cfg, device, show_progress)}
+    methods.update({b: {} for b in cfg.baselines})
+    with timer("baselines"):
+        for shot in cfg.shots:
+            for name, r in evaluate_baselines(tr.stages.pool, test, cfg.way, shot, names=cfg.baselines, seed=cfg.seed,
+                                              **_test_kw(cfg, device, show_progress)).items():
+                methods[name][f"{cfg.way}w{shot}s"] = _row(r)
     results = {"config": to_jsonable(cfg), "git_commit": git_commit(), "methods": methods,
                "selection": {"best_val_acc": tr.best_val_acc, "best_epoch": tr.best_epoch, "split": "val"},
                "groups": [[tr.stages.pool[i].index for i in g] for g in tr.stages.groups],   # pool members' indices

@@ -14,11 +14,10 @@ from typing import Sequence
 import numpy as np
 
 from .core import TGRError, config_hash, git_commit, save_json, to_jsonable
-from .cli import RunConfig, resolve_config, run as run_config
+from .cli import RunConfig, resolve_config, run as run_config, score_rows
 from .data import load_benchmark
 from .pool import Pool, build_pool, designed_pool
 from .train import inversion_settings, meta_train, Stages
-from .evaluate import meta_test
 from .inversion import recover_pool_tasks, member_fingerprint
 
 # %% auto 0
@@ -353,12 +352,8 @@ def _gain_job(args):
     st = Stages(Pool(members), tasks, [list(range(len(members)))], None, inversion_settings(cfg))
     # a killed run continues from its last checkpoint (or restarts at epoch 1 if it wrote none)
     tr = meta_train(cfg, out, resume=(out/"config.json").exists(), show_progress=False, stages=st)
-    test = load_benchmark(cfg.benchmark, "test", root=cfg.root)
-    accs = {f"{cfg.way}w{s}s": meta_test(tr.model, test, cfg.way, s, query=cfg.query, n_tasks=cfg.n_test_tasks, seed=cfg.seed,
-                                          inner_steps=cfg.test_inner_steps, inner_lr=cfg.inner_lr, show_progress=False)
-            for s in cfg.shots}
-    r = {"methods": {k: {"acc": round(v.acc, 2), "ci95": round(v.ci95, 2), "n_tasks": v.n_tasks} for k, v in accs.items()},
-         "seconds": round(time.perf_counter() - t0, 1), "git_commit": git_commit()}
+    rows = score_rows(tr.model, load_benchmark(cfg.benchmark, "test", root=cfg.root), cfg, show_progress=False)
+    r = {"methods": rows, "seconds": round(time.perf_counter() - t0, 1), "git_commit": git_commit()}
     save_json(r, res)
     return r
 

@@ -20,7 +20,7 @@ from .replay import MetaForward
 
 # %% auto 0
 __all__ = ['OPTIMIZERS', 'STUDENT_BN', 'FIVE_PRESETS', 'GeneratorLoss', 'generator_loss', 'FiveConfig', 'five_config',
-           'MetaGenerator', 'five_recover', 'benchmark_five']
+           'MetaGenerator', 'five_recover', 'benchmark_five', 'benchmark_in_subprocess']
 
 # %% ../nbs/04a_five.ipynb
 @dataclass
@@ -358,3 +358,17 @@ def benchmark_five(k: int = 5, arch: str = "conv4", n_classes: int = 5, per_clas
                 update_s=statistics.median(upd), train_task_s=statistics.median(train_tasks),
                 recover_task_s=statistics.median([t.seconds for t in rec]), step_median_s=statistics.median(steps),
                 cpu_s_per_update=cpu_update, rss_before_mb=rss0, peak_rss_mb=peak_memory_mb())
+
+# %% ../nbs/04a_five.ipynb
+def benchmark_in_subprocess(fn: str, **kw) -> dict:
+    """Run `tgr.five.benchmark_five` or `tgr.inversion.benchmark_recovery` (`fn`) with `kw` in a fresh one-thread Python
+    process (no warm caches, no other state) and return its result."""
+    import json, os, subprocess, sys
+    if fn not in ("benchmark_five", "benchmark_recovery"):
+        raise TGRError(f"fn must be 'benchmark_five' or 'benchmark_recovery', got {fn!r}")
+    mod = "tgr.five" if fn == "benchmark_five" else "tgr.inversion"
+    code_ = f"import json; from {mod} import {fn} as b; print(json.dumps(b(threads=1, **{kw!r})))"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TGR_PROGRESS": "0"}
+    out = subprocess.run([sys.executable, "-c", code_], env=env, capture_output=True, text=True)
+    if out.returncode: raise TGRError(f"{fn}({kw}) failed in its subprocess:\n{out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
