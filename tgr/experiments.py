@@ -19,12 +19,13 @@ from .data import load_benchmark
 from .pool import Pool, build_pool, designed_pool
 from .train import inversion_settings, meta_train, Stages
 from .inversion import recover_pool_tasks, member_fingerprint
+from .fim import embed_pool, dissimilarity
 
 # %% auto 0
 __all__ = ['EXPERIMENTS', 'Experiment', 'experiment_config', 'repo_root', 'run_cached', 'run_experiment', 'summarize_runs',
            'format_summary', 'load_summary', 'verdict', 'results_overview', 'gradient_curves', 'summary_text',
            'save_gradient_curves', 'class_cover_rate', 'save_cover_rates', 'gain_design', 'accuracy_gain',
-           'format_gain']
+           'format_gain', 'design_dissimilarity', 'format_dissimilarity']
 
 # %% ../nbs/11_experiments.ipynb
 @dataclass(frozen=True)
@@ -323,6 +324,11 @@ def save_cover_rates(summary: dict, results_dir=None) -> dict:
     return summary
 
 # %% ../nbs/11_experiments.ipynb
+def _gain_base(base: str, extra: dict | None) -> RunConfig:
+    "The run config shared by every Fig. 2 / Fig. 4 member: Latin glyphs, ERM, no grouping, no replay, no baselines."
+    kw = {"benchmark": "glyphs-latin", "grouping": "none", "alignment": "erm", "replay": False, "baselines": (), **(extra or {})}
+    return replace(resolve_config(base), **kw).check()
+
 def gain_design(ds, seed: int, overlaps: Sequence[int] = range(6), archs: Sequence[str] = ("conv4", "resnet10", "resnet18"),
                 n_aux: int = 2, way: int = 5, domain: str | None = None) -> list[dict]:
     """Fig. 2's members: the basic Conv4 model's classes (drawn from the train split `ds`, or from its `domain`) and, per
@@ -365,8 +371,7 @@ def accuracy_gain(seeds: Sequence[int] = (0, 1, 2), overlaps: Sequence[int] = ra
     Writes `results/fig2_accuracy_gain.json`; meta-training runs are cached under `runs_dir`."""
     if not seeds: raise TGRError("seeds is empty: give at least one seed (the paper's protocol here uses 3)")
     if n_aux < 1: raise TGRError(f"n_aux must be at least 1, got {n_aux}")
-    kw = {"benchmark": "glyphs-latin", "grouping": "none", "alignment": "erm", "replay": False, "baselines": (), **(extra or {})}
-    cfg0 = replace(resolve_config(base), **kw).check()
+    cfg0 = _gain_base(base, extra)
     root = repo_root(); runs_dir = Path(runs_dir or root/"runs"/"fig2"); results_dir = Path(results_dir or root/"results")
     ds = load_benchmark(cfg0.benchmark, "train", root=cfg0.root)   # the members' classes: ids of this train split
     t0 = time.perf_counter(); jobs, meta = [], []
@@ -420,4 +425,55 @@ def format_gain(summary: dict) -> str:
                                                                    else "  n/a") + "   " for s in settings))
     b = summary["basic_acc"]
     lines.append("basic model alone: " + ", ".join(f"{k} {v:.2f}" for k, v in b.items()))
+    return "\n".join(lines)
+
+# %% ../nbs/11_experiments.ipynb
+def design_dissimilarity(seeds: Sequence[int] = (0, 1, 2), overlaps: Sequence[int] = range(6),
+                         archs: Sequence[str] = ("conv4", "resnet10", "resnet18"), n_aux: int = 2, base: str = "quick",
+                         extra: dict | None = None, results_dir=None, write: bool = True) -> dict:
+    """Fig. 4 on Fig. 2's designed pools (`gain_design`): the Fisher dissimilarity between the basic model's task and each
+    auxiliary model's, per class overlap and per auxiliary architecture, over `seeds`. Members and tasks are the cached ones
+    of `accuracy_gain` with the same arguments. Writes `results/fig4_dissimilarity.json`."""
+    from scipy.stats import spearmanr
+    if not seeds: raise TGRError("seeds is empty: give at least one seed (the paper's protocol here uses 3)")
+    if n_aux < 1: raise TGRError(f"n_aux must be at least 1, got {n_aux}")
+    cfg0 = _gain_base(base, extra); results_dir = Path(results_dir or repo_root()/"results")
+    ds = load_benchmark(cfg0.benchmark, "train", root=cfg0.root)
+    t0 = time.perf_counter(); runs = []
+    for seed in seeds:
+        design = gain_design(ds, seed, overlaps, archs, n_aux, cfg0.way)
+        pool = designed_pool([d["classes"] for d in design], [d["arch"] for d in design], epochs=cfg0.pool_epochs, seed=seed, ds=ds)
+        tasks = recover_pool_tasks(pool, inversion_settings(replace(cfg0, seed=int(seed))), show_progress=False)
+        W = dissimilarity(embed_pool(pool, tasks, show_progress=False)).numpy()
+        for j, d in enumerate(design[1:], 1):
+            runs.append({"seed": int(seed), "member": j, **{k: d[k] for k in ("factor", "level", "classes", "arch")},
+                         "shared": len(set(d["classes"]) & set(design[0]["classes"])), "w": round(float(W[0, j]), 4)})
+    rows = []
+    for factor in ("overlap", "arch"):
+        for level in dict.fromkeys(r["level"] for r in runs if r["factor"] == factor):
+            w = np.array([r["w"] for r in runs if r["factor"] == factor and r["level"] == level])
+            rows.append({"factor": factor, "level": level, "w_mean": round(float(w.mean()), 4), "n": len(w),
+                         "w_std": round(float(w.std(ddof=1)), 4) if len(w) > 1 else None,
+                         "seed_means": {str(k): round(float(np.mean([r["w"] for r in runs if r["seed"] == k and r["factor"] == factor
+                                                                   and r["level"] == level])), 4) for k in seeds}})
+    ov = [r for r in runs if r["factor"] == "overlap"]
+    rho = spearmanr([r["w"] for r in ov], [r["shared"] for r in ov]).statistic if len({r["shared"] for r in ov}) > 1 else float("nan")
+    summary = {"experiment": "fig4_dissimilarity", "title": "Fig. 4: Fisher dissimilarity to the basic model's task (Fig. 2's designed pools)",
+               "claim": "dissimilarity falls as the class overlap grows, and is larger across architectures",
+               "seeds": list(seeds), "n_aux": n_aux, "overlaps": [int(k) for k in overlaps], "archs": list(archs), "base": base,
+               "extra": extra or {}, "config": to_jsonable(cfg0), "git_commit": git_commit(),
+               "compute_seconds": round(time.perf_counter() - t0, 1), "runs": runs, "rows": rows,
+               "spearman_w_shared": None if np.isnan(rho) else round(float(rho), 3), "paper_benchmark": "CIFAR-FS (a figure; no numbers given)"}
+    if write: save_json(summary, results_dir/"fig4_dissimilarity.json")
+    return summary
+
+def format_dissimilarity(summary: dict) -> str:
+    "Fig. 4's summary as text: mean dissimilarity to the basic model's task ± std over seeds x auxiliary models."
+    lines = [summary["title"], f"seeds {summary['seeds']}, {summary['n_aux']} auxiliary models per level and seed; "
+             f"commit {summary['git_commit'][:12]}; compute {summary['compute_seconds']:.0f} s; "
+             f"Spearman(W, shared classes) over the overlap auxiliaries: {summary['spearman_w_shared']}"]
+    for r in summary["rows"]:
+        name = f"{r['level']} shared classes" if r["factor"] == "overlap" else f"aux {r['level']}"
+        lines.append(f"{name:22s}{r['w_mean']:8.3f} ± " + (f"{r['w_std']:.3f}" if r["w_std"] is not None else "n/a")
+                     + "   per seed " + ", ".join(f"{v:.3f}" for v in r["seed_means"].values()))
     return "\n".join(lines)
