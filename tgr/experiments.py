@@ -324,10 +324,38 @@ def save_cover_rates(summary: dict, results_dir=None) -> dict:
     return summary
 
 # %% ../nbs/11_experiments.ipynb
-def _gain_base(base: str, extra: dict | None) -> RunConfig:
-    "The run config shared by every Fig. 2 / Fig. 4 member: Latin glyphs, ERM, no grouping, no replay, no baselines."
+def _gain_setup(seeds: Sequence[int], n_aux: int, base: str, extra: dict | None):
+    """Checks the arguments of Fig. 2 and Fig. 4; returns the run config every member shares (Latin glyphs, ERM, no grouping,
+    no replay, no baselines) and the train split whose class ids the designs use."""
+    if not seeds: raise TGRError("seeds is empty: give at least one seed (the paper's protocol here uses 3)")
+    if n_aux < 1: raise TGRError(f"n_aux must be at least 1, got {n_aux}")
     kw = {"benchmark": "glyphs-latin", "grouping": "none", "alignment": "erm", "replay": False, "baselines": (), **(extra or {})}
-    return replace(resolve_config(base), **kw).check()
+    cfg0 = replace(resolve_config(base), **kw).check()
+    return cfg0, load_benchmark(cfg0.benchmark, "train", root=cfg0.root)
+
+def _gain_pool(cfg0: RunConfig, ds, seed: int, overlaps, archs, n_aux: int):
+    "One seed's design, its trained members and their recovered tasks (all cached, so Fig. 2 and Fig. 4 share them)."
+    design = gain_design(ds, seed, overlaps, archs, n_aux, cfg0.way)
+    pool = designed_pool([d["classes"] for d in design], [d["arch"] for d in design], epochs=cfg0.pool_epochs, seed=seed, ds=ds)
+    return design, pool, recover_pool_tasks(pool, inversion_settings(replace(cfg0, seed=int(seed))), show_progress=False)
+
+def _member_record(seed: int, j: int, design: list[dict]) -> dict:
+    d = design[j]
+    return {"seed": int(seed), "member": j, **{k: d[k] for k in ("factor", "level", "classes", "arch")},
+            "shared": len(set(d["classes"]) & set(design[0]["classes"]))}
+
+def _by_level(runs: list[dict], values, seeds: Sequence[int], nd: int) -> list[tuple]:
+    """(factor, level, key, stats) over the auxiliary runs, where `values(run)` is a dict of numbers: the mean, std and
+    count over seeds x auxiliary models and the per-seed means, rounded to `nd` digits."""
+    out = []
+    for factor in ("overlap", "arch"):
+        for level in dict.fromkeys(r["level"] for r in runs if r["factor"] == factor):
+            sel = [r for r in runs if r["factor"] == factor and r["level"] == level]
+            for key in values(sel[0]):
+                v = np.array([values(r)[key] for r in sel])
+                out.append((factor, level, key, {"mean": round(float(v.mean()), nd), "std": round(float(v.std(ddof=1)), nd) if len(v) > 1 else None,
+                            "n": len(v), "seed_means": {str(k): round(float(np.mean([values(r)[key] for r in sel if r["seed"] == k])), nd) for k in seeds}}))
+    return out
 
 def gain_design(ds, seed: int, overlaps: Sequence[int] = range(6), archs: Sequence[str] = ("conv4", "resnet10", "resnet18"),
                 n_aux: int = 2, way: int = 5, domain: str | None = None) -> list[dict]:
@@ -369,39 +397,26 @@ def accuracy_gain(seeds: Sequence[int] = (0, 1, 2), overlaps: Sequence[int] = ra
     """Fig. 2 (Alg. 2 of the TGR paper): the accuracy gain of training on the basic model's task together with one
     auxiliary model's, per class overlap and per auxiliary architecture, over `seeds` and `n_aux` auxiliary models each.
     Writes `results/fig2_accuracy_gain.json`; meta-training runs are cached under `runs_dir`."""
-    if not seeds: raise TGRError("seeds is empty: give at least one seed (the paper's protocol here uses 3)")
-    if n_aux < 1: raise TGRError(f"n_aux must be at least 1, got {n_aux}")
-    cfg0 = _gain_base(base, extra)
+    cfg0, ds = _gain_setup(seeds, n_aux, base, extra)
     root = repo_root(); runs_dir = Path(runs_dir or root/"runs"/"fig2"); results_dir = Path(results_dir or root/"results")
-    ds = load_benchmark(cfg0.benchmark, "train", root=cfg0.root)   # the members' classes: ids of this train split
     t0 = time.perf_counter(); jobs, meta = [], []
     for seed in seeds:
-        design = gain_design(ds, seed, overlaps, archs, n_aux, cfg0.way)
-        pool = designed_pool([d["classes"] for d in design], [d["arch"] for d in design], epochs=cfg0.pool_epochs, seed=seed, ds=ds)
+        design, pool, tasks = _gain_pool(cfg0, ds, seed, overlaps, archs, n_aux)
         cfg_s = replace(cfg0, seed=int(seed))
-        tasks = recover_pool_tasks(pool, inversion_settings(cfg_s), show_progress=False)
-        for j, d in enumerate(design):
+        for j in range(len(design)):
             idx = [0] if j == 0 else [0, j]
             cfg = replace(cfg_s, n_models=len(idx), m=len(idx)).check()
             key = config_hash({"config": to_jsonable(cfg), "members": [member_fingerprint(pool[i]) for i in idx]})
             jobs.append((cfg, [pool[i] for i in idx], [tasks[i] for i in idx], runs_dir/f"gain-{key}", 1 if workers > 1 else None))
-            meta.append({"seed": int(seed), "member": j, **{k: d[k] for k in ("factor", "level", "classes", "arch")},
-                         "shared": len(set(d["classes"]) & set(design[0]["classes"])), "run": f"gain-{key}"})
+            meta.append({**_member_record(seed, j, design), "run": f"gain-{key}"})
     if workers > 1:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex: outs = list(ex.map(_gain_job, jobs))
     else: outs = [_gain_job(a) for a in jobs]
     runs = [{**m, **o} for m, o in zip(meta, outs)]
     base_acc = {(r["seed"], s): r["methods"][s]["acc"] for r in runs if r["factor"] == "basic" for s in r["methods"]}
     for r in runs: r["gain"] = {s: round(r["methods"][s]["acc"] - base_acc[r["seed"], s], 2) for s in r["methods"]}
-    rows = []
-    for factor in ("overlap", "arch"):
-        for level in dict.fromkeys(r["level"] for r in runs if r["factor"] == factor):
-            sel = [r for r in runs if r["factor"] == factor and r["level"] == level]
-            for s in sel[0]["gain"]:
-                g = np.array([r["gain"][s] for r in sel])
-                rows.append({"factor": factor, "level": level, "setting": s, "gain_mean": round(float(g.mean()), 2),
-                             "gain_std": round(float(g.std(ddof=1)), 2) if len(g) > 1 else None, "n": len(g),
-                             "seed_means": {str(k): round(float(np.mean([r["gain"][s] for r in sel if r["seed"] == k])), 2) for k in seeds}})
+    rows = [{"factor": f, "level": l, "setting": s, "gain_mean": st["mean"], "gain_std": st["std"], "n": st["n"], "seed_means": st["seed_means"]}
+            for f, l, s, st in _by_level(runs, lambda r: r["gain"], seeds, 2)]
     summary = {"experiment": "fig2_accuracy_gain", "title": "Fig. 2: accuracy gain of joint training (basic Conv4 + one auxiliary model)",
                "claim": "a copy-like auxiliary model adds nothing, a moderately different one helps, a very different one hurts",
                "seeds": list(seeds), "n_aux": n_aux, "overlaps": [int(k) for k in overlaps], "archs": list(archs), "base": base,
@@ -435,27 +450,14 @@ def design_dissimilarity(seeds: Sequence[int] = (0, 1, 2), overlaps: Sequence[in
     auxiliary model's, per class overlap and per auxiliary architecture, over `seeds`. Members and tasks are the cached ones
     of `accuracy_gain` with the same arguments. Writes `results/fig4_dissimilarity.json`."""
     from scipy.stats import spearmanr
-    if not seeds: raise TGRError("seeds is empty: give at least one seed (the paper's protocol here uses 3)")
-    if n_aux < 1: raise TGRError(f"n_aux must be at least 1, got {n_aux}")
-    cfg0 = _gain_base(base, extra); results_dir = Path(results_dir or repo_root()/"results")
-    ds = load_benchmark(cfg0.benchmark, "train", root=cfg0.root)
+    cfg0, ds = _gain_setup(seeds, n_aux, base, extra); results_dir = Path(results_dir or repo_root()/"results")
     t0 = time.perf_counter(); runs = []
     for seed in seeds:
-        design = gain_design(ds, seed, overlaps, archs, n_aux, cfg0.way)
-        pool = designed_pool([d["classes"] for d in design], [d["arch"] for d in design], epochs=cfg0.pool_epochs, seed=seed, ds=ds)
-        tasks = recover_pool_tasks(pool, inversion_settings(replace(cfg0, seed=int(seed))), show_progress=False)
+        design, pool, tasks = _gain_pool(cfg0, ds, seed, overlaps, archs, n_aux)
         W = dissimilarity(embed_pool(pool, tasks, show_progress=False)).numpy()
-        for j, d in enumerate(design[1:], 1):
-            runs.append({"seed": int(seed), "member": j, **{k: d[k] for k in ("factor", "level", "classes", "arch")},
-                         "shared": len(set(d["classes"]) & set(design[0]["classes"])), "w": round(float(W[0, j]), 4)})
-    rows = []
-    for factor in ("overlap", "arch"):
-        for level in dict.fromkeys(r["level"] for r in runs if r["factor"] == factor):
-            w = np.array([r["w"] for r in runs if r["factor"] == factor and r["level"] == level])
-            rows.append({"factor": factor, "level": level, "w_mean": round(float(w.mean()), 4), "n": len(w),
-                         "w_std": round(float(w.std(ddof=1)), 4) if len(w) > 1 else None,
-                         "seed_means": {str(k): round(float(np.mean([r["w"] for r in runs if r["seed"] == k and r["factor"] == factor
-                                                                   and r["level"] == level])), 4) for k in seeds}})
+        runs += [{**_member_record(seed, j, design), "w": round(float(W[0, j]), 4)} for j in range(1, len(design))]
+    rows = [{"factor": f, "level": l, "w_mean": st["mean"], "n": st["n"], "w_std": st["std"], "seed_means": st["seed_means"]}
+            for f, l, _, st in _by_level(runs, lambda r: {"w": r["w"]}, seeds, 4)]
     ov = [r for r in runs if r["factor"] == "overlap"]
     rho = spearmanr([r["w"] for r in ov], [r["shared"] for r in ov]).statistic if len({r["shared"] for r in ov}) > 1 else float("nan")
     summary = {"experiment": "fig4_dissimilarity", "title": "Fig. 4: Fisher dissimilarity to the basic model's task (Fig. 2's designed pools)",
