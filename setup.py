@@ -35,7 +35,7 @@ setuptools.setup(
     python_requires=">=" + cfg["min_python"],
     packages=setuptools.find_packages(include=["tgr", "tgr.*"]),
     include_package_data=True,
-    package_data={"tgr": ["splits/*.json", "splits/*.txt"]},
+    package_data={"tgr": ["splits/*.json", "splits/*.txt", "assets/*.json", "assets/*.xz"]},
     install_requires=requirements,
     extras_require={"dev": dev_requirements},
     entry_points={"console_scripts": console_scripts, "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},

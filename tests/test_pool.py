@@ -31,7 +31,7 @@ def test_bad_config_values(train):
 
 def test_corrupt_member_is_reported_then_rebuilt(tmp_path, train):
     pool = build_pool(CFG, out_dir=tmp_path, dataset=train, show_progress=False)
-    f = pool_dir(CFG, tmp_path) / "member_0001.pt"
+    f = pool.path / "member_0001.pt"
     good = f.read_bytes(); f.write_bytes(good[: len(good) // 2])
     with pytest.raises(ArtifactError, match="member_0001.pt"): load_pool(pool.path)
     again = build_pool(CFG, out_dir=tmp_path, dataset=train, show_progress=False)
@@ -50,3 +50,10 @@ def test_wrong_image_size_or_channels():
     with pytest.raises(TGRError): m(torch.rand(2, 3, 28, 28))
     with pytest.raises(TGRError): m(torch.rand(2, 1, 32, 32))
     with pytest.raises(TGRError): build_model("vgg11", 5, 32)
+
+
+def test_pool_folder_is_keyed_by_the_data(tmp_path, train):
+    "Same config, other images: another pool folder (a changed benchmark can never reuse stale members)."
+    other = load_benchmark("glyphs-cyrillic", "train")
+    assert pool_dir(CFG, tmp_path, train) == pool_dir(CFG, tmp_path, train)
+    assert pool_dir(CFG, tmp_path, train) != pool_dir(CFG, tmp_path, other)

@@ -13,13 +13,14 @@ from fastcore.script import anno_parser, Param, store_true
 
 from .core import (TGRError, Timer, config_hash, git_commit, peak_memory_mb, prepare_run_dir, save_json,
                       seed_everything, to_jsonable, get_device)
-from .data import load_benchmark
+from .data import GLYPH_SHA256, benchmark_checksum, load_benchmark
+from .inversion import pool_fingerprint
 from .train import MetaTrainConfig, meta_train
 from .evaluate import meta_test, evaluate_baselines, results_table
 
 # %% auto 0
 __all__ = ['RunConfig', 'PRESETS', 'METHODS', 'PRESET_HELP', 'resolve_config', 'describe_presets', 'score_rows', 'preflight',
-           'run', 'format_results', 'main']
+           'data_checksums', 'run', 'format_results', 'main']
 
 # %% ../nbs/12_cli.ipynb
 RunConfig = MetaTrainConfig    # every field of the run; see tgr.train
@@ -107,6 +108,12 @@ def preflight(cfg: RunConfig) -> None:
     EpisodeSampler(splits["val"], cfg.way, cfg.val_shot, cfg.query, 1)
     for shot in cfg.shots: EpisodeSampler(splits["test"], cfg.way, int(shot), cfg.query, 1)
 
+def data_checksums(cfg: RunConfig, pool=None) -> dict:
+    "What a run saw: its benchmark's checksum (three splits), the glyph images' SHA-256 where glyphs are used, its pool's."
+    glyphs = any(p.startswith("glyphs") for p in str(cfg.benchmark).split("+"))
+    return {"benchmark": benchmark_checksum(cfg.benchmark, cfg.root), "glyphs": GLYPH_SHA256 if glyphs else None,
+            "pool": None if pool is None else pool_fingerprint(pool)}
+
 def run(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
         argv: list[str] | None = None, show_progress: bool = True, method: str = "tgr") -> dict:
     """Meta-train for `cfg` in run directory `out`, meta-test the meta-model (reported under `method`) and the
@@ -127,7 +134,8 @@ def run(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, ove
             for name, r in evaluate_baselines(tr.stages.pool, test, cfg.way, shot, names=cfg.baselines, seed=cfg.seed,
                                               **_test_kw(cfg, device, show_progress)).items():
                 methods[name][f"{cfg.way}w{shot}s"] = _row(r)
-    results = {"config": to_jsonable(cfg), "git_commit": git_commit(), "methods": methods,
+    results = {"config": to_jsonable(cfg), "git_commit": git_commit(), "checksums": data_checksums(cfg, tr.stages.pool),
+               "methods": methods,
                "selection": {"best_val_acc": tr.best_val_acc, "best_epoch": tr.best_epoch, "split": "val"},
                "groups": [[tr.stages.pool[i].index for i in g] for g in tr.stages.groups],   # pool members' indices
                "timings": {k: round(v, 2) for k, v in timer.seconds.items()}, "total_seconds": round(time.perf_counter() - t0, 1),
@@ -150,6 +158,8 @@ def format_results(results: dict) -> str:
         lines.append(f"task groups ({results['config'].get('grouping')}, {results['config'].get('group_method', 'spectral')}): "
                      f"sizes {[len(g) for g in results['groups']]}")
     lines.append(f"timings (s): {results['timings']}; total {results['total_seconds']} s; peak memory {results['peak_memory_mb']} MiB")
+    if cs := results.get("checksums"):
+        lines.append("data: " + ", ".join(f"{k} {v[:16]}" for k, v in cs.items() if v))
     return "\n".join(lines)
 
 # %% ../nbs/12_cli.ipynb

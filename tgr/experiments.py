@@ -14,11 +14,11 @@ from typing import Sequence
 import numpy as np
 
 from .core import TGRError, config_hash, git_commit, save_json, to_jsonable
-from .cli import RunConfig, resolve_config, run as run_config, score_rows
+from .cli import RunConfig, data_checksums, resolve_config, run as run_config, score_rows
 from .data import load_benchmark
 from .pool import Pool, build_pool, designed_pool
 from .train import inversion_settings, meta_train, Stages
-from .inversion import recover_pool_tasks, member_fingerprint
+from .inversion import recover_pool_tasks, member_fingerprint, pool_fingerprint
 from .fim import embed_pool, dissimilarity
 
 # %% auto 0
@@ -167,7 +167,13 @@ def run_cached(cfg: RunConfig, runs_dir: str | Path, quiet: bool = True, threads
 def _run_job(args):
     cfg, runs_dir, threads = args
     r = run_cached(cfg, runs_dir, quiet=True, threads=threads)
-    return {k: r[k] for k in ("run", "methods", "selection", "total_seconds", "timings", "peak_memory_mb", "git_commit", "groups") if k in r}
+    keep = ("run", "methods", "selection", "total_seconds", "timings", "peak_memory_mb", "git_commit", "checksums", "groups")
+    return {k: r[k] for k in keep if k in r}
+
+def _checksums(runs: list[dict]) -> dict:
+    "The data checksums shared by an experiment's runs (a list where runs differ; pools stay per run)."
+    vals = lambda k: sorted({r["checksums"][k] for r in runs if r.get("checksums") and r["checksums"][k]})
+    return {k: (v[0] if len(v) == 1 else v or None) for k in ("benchmark", "glyphs") for v in [vals(k)]}
 
 def run_experiment(name: str | Experiment, seeds: Sequence[int] = (0, 1, 2), workers: int = 1, runs_dir=None, results_dir=None,
                    variants: Sequence[str] | None = None, extra: dict | None = None, write: bool = True) -> dict:
@@ -189,7 +195,7 @@ def run_experiment(name: str | Experiment, seeds: Sequence[int] = (0, 1, 2), wor
     runs = [{"variant": v, "seed": s, **o} for (v, s, cfg), o in zip(jobs, outs)]
     summary = {"experiment": exp.name, "title": exp.title, "claim": exp.claim, "benchmark": jobs[0][2].benchmark,
                "base": exp.base, "overrides": exp.overrides, "extra": extra or {}, "variants": {v: exp.variants[v] for v in names},
-               "seeds": list(seeds), "config": to_jsonable(jobs[0][2]), "git_commit": git_commit(),
+               "seeds": list(seeds), "config": to_jsonable(jobs[0][2]), "git_commit": git_commit(), "checksums": _checksums(runs),
                "compute_seconds": round(sum(r["total_seconds"] for r in runs), 1),   # the runs' own time, cached or not
                "new_runs_wall_seconds": round(time.perf_counter() - t0, 1),            # this call (small when all were cached)
                "runs": runs, "rows": summarize_runs(runs), "better": [list(p) for p in exp.better],
@@ -387,7 +393,7 @@ def _gain_job(args):
     # a killed run continues from its last checkpoint (or restarts at epoch 1 if it wrote none)
     tr = meta_train(cfg, out, resume=(out/"config.json").exists(), show_progress=False, stages=st)
     rows = score_rows(tr.model, load_benchmark(cfg.benchmark, "test", root=cfg.root), cfg, show_progress=False)
-    r = {"methods": rows, "seconds": round(time.perf_counter() - t0, 1), "git_commit": git_commit()}
+    r = {"methods": rows, "seconds": round(time.perf_counter() - t0, 1), "git_commit": git_commit(), "pool": pool_fingerprint(members)}
     save_json(r, res)
     return r
 
@@ -420,7 +426,7 @@ def accuracy_gain(seeds: Sequence[int] = (0, 1, 2), overlaps: Sequence[int] = ra
     summary = {"experiment": "fig2_accuracy_gain", "title": "Fig. 2: accuracy gain of joint training (basic Conv4 + one auxiliary model)",
                "claim": "a copy-like auxiliary model adds nothing, a moderately different one helps, a very different one hurts",
                "seeds": list(seeds), "n_aux": n_aux, "overlaps": [int(k) for k in overlaps], "archs": list(archs), "base": base,
-               "extra": extra or {}, "config": to_jsonable(cfg0), "git_commit": git_commit(),
+               "extra": extra or {}, "config": to_jsonable(cfg0), "git_commit": git_commit(), "checksums": data_checksums(cfg0),
                "compute_seconds": round(sum(r["seconds"] for r in runs), 1), "new_runs_wall_seconds": round(time.perf_counter() - t0, 1),
                "basic_acc": {f"{k[0]}/{k[1]}": v for k, v in base_acc.items()}, "runs": runs, "rows": rows,
                "paper_benchmark": "CIFAR-FS (a figure; no numbers given)"}
@@ -463,7 +469,7 @@ def design_dissimilarity(seeds: Sequence[int] = (0, 1, 2), overlaps: Sequence[in
     summary = {"experiment": "fig4_dissimilarity", "title": "Fig. 4: Fisher dissimilarity to the basic model's task (Fig. 2's designed pools)",
                "claim": "dissimilarity falls as the class overlap grows, and is larger across architectures",
                "seeds": list(seeds), "n_aux": n_aux, "overlaps": [int(k) for k in overlaps], "archs": list(archs), "base": base,
-               "extra": extra or {}, "config": to_jsonable(cfg0), "git_commit": git_commit(),
+               "extra": extra or {}, "config": to_jsonable(cfg0), "git_commit": git_commit(), "checksums": data_checksums(cfg0),
                "compute_seconds": round(time.perf_counter() - t0, 1), "runs": runs, "rows": rows,
                "spearman_w_shared": None if np.isnan(rho) else round(float(rho), 3), "paper_benchmark": "CIFAR-FS (a figure; no numbers given)"}
     if write: save_json(summary, results_dir/"fig4_dissimilarity.json")

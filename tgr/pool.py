@@ -168,9 +168,10 @@ def _dist_env(rank, world_size) -> tuple[int, int]:
         raise TGRError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size} (check RANK/WORLD_SIZE)")
     return rank, world_size
 
-def pool_dir(cfg: PoolConfig, out_dir: str | Path | None = None) -> Path:
-    "Where the pool for `cfg` lives: `<out_dir or cache>/pool-<config hash>`."
-    return Path(out_dir or cache_dir("pools"))/f"pool-{config_hash(cfg)}"
+def pool_dir(cfg: PoolConfig, out_dir: str | Path | None = None, dataset: FewShotDataset | None = None) -> Path:
+    "Where the pool for `cfg` lives: `<out_dir or cache>/pool-<hash of config and train data fingerprint>`."
+    ds = dataset if dataset is not None else load_benchmark(cfg.benchmark, "train", root=cfg.root)
+    return Path(out_dir or cache_dir("pools"))/f"pool-{config_hash({'config': cfg, 'data': ds.fingerprint()})}"
 
 def build_pool(cfg: PoolConfig = PoolConfig(), out_dir: str | Path | None = None, dataset: FewShotDataset | None = None,
                device=None, rank: int | None = None, world_size: int | None = None, show_progress: bool = True) -> Pool:
@@ -184,7 +185,7 @@ def build_pool(cfg: PoolConfig = PoolConfig(), out_dir: str | Path | None = None
     cfg.check(ds)
     rank, world_size = _dist_env(rank, world_size)
     device = get_device(device)
-    path = pool_dir(cfg, out_dir)
+    path = pool_dir(cfg, out_dir, ds)
     try: path.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise TGRError(f"cannot create pool folder {path}: {e.strerror}; choose a writable out_dir") from e
     if not os.access(path, os.W_OK): raise TGRError(f"pool folder {path} is not writable; choose another out_dir")
