@@ -16,7 +16,7 @@ from .core import (TGRError, Timer, config_hash, git_commit, peak_memory_mb, pre
 from .data import GLYPH_SHA256, benchmark_checksum, load_benchmark
 from .inversion import pool_fingerprint
 from .train import MetaTrainConfig, meta_train
-from .evaluate import meta_test, evaluate_baselines, results_table
+from .evaluate import head_rule, meta_test, evaluate_baselines, results_table
 
 # %% auto 0
 __all__ = ['RunConfig', 'PRESETS', 'METHODS', 'PRESET_HELP', 'resolve_config', 'describe_presets', 'score_rows', 'preflight',
@@ -92,8 +92,10 @@ def _test_kw(cfg: RunConfig, device=None, show_progress: bool = True) -> dict:
                 device=device, show_progress=show_progress)
 
 def score_rows(model, test, cfg: RunConfig, device=None, show_progress: bool = True) -> dict:
-    "A meta-model's row ({acc, ci95, n_tasks}) per setting `<way>w<shot>s` of `cfg.shots`, on the seeded test episodes of `cfg`."
-    return {f"{cfg.way}w{shot}s": _row(meta_test(model, test, cfg.way, shot, seed=cfg.seed, **_test_kw(cfg, device, show_progress)))
+    """A meta-model's row ({acc, ci95, n_tasks}) per setting `<way>w<shot>s` of `cfg.shots`, on the seeded test episodes of `cfg`,
+    under the evaluation rule `cfg.test_head` (the one the baselines get)."""
+    start = head_rule(model, cfg.way, cfg.test_head)
+    return {f"{cfg.way}w{shot}s": _row(meta_test(start, test, cfg.way, shot, seed=cfg.seed, **_test_kw(cfg, device, show_progress)))
             for shot in cfg.shots}
 
 def preflight(cfg: RunConfig) -> None:
@@ -132,11 +134,13 @@ def run(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, ove
     with timer("baselines"):
         for shot in cfg.shots:
             for name, r in evaluate_baselines(tr.stages.pool, test, cfg.way, shot, names=cfg.baselines, seed=cfg.seed,
-                                              **_test_kw(cfg, device, show_progress)).items():
+                                              head=cfg.test_head, **_test_kw(cfg, device, show_progress)).items():
                 methods[name][f"{cfg.way}w{shot}s"] = _row(r)
     results = {"config": to_jsonable(cfg), "git_commit": git_commit(), "checksums": data_checksums(cfg, tr.stages.pool),
                "methods": methods,
-               "selection": {"best_val_acc": tr.best_val_acc, "best_epoch": tr.best_epoch, "split": "val"},
+               "evaluation": {"test_head": cfg.test_head, "episode_seed": cfg.seed, "inner_steps": cfg.test_inner_steps},
+               "selection": {"best_val_acc": tr.best_val_acc, "best_epoch": tr.best_epoch, "split": "val",
+                             "init_val_acc": tr.init_val_acc, "beat_init": tr.best_epoch > 0},
                "groups": [[tr.stages.pool[i].index for i in g] for g in tr.stages.groups],   # pool members' indices
                "timings": {k: round(v, 2) for k, v in timer.seconds.items()}, "total_seconds": round(time.perf_counter() - t0, 1),
                "peak_memory_mb": round(peak_memory_mb()), "device": str(device)}
@@ -152,8 +156,14 @@ def format_results(results: dict) -> str:
     for name, row in m.items():
         lines.append(f"{name:{w}s}" + "".join(f"{row[c]['acc']:>10.2f} ± {row[c]['ci95']:<5.2f}" for c in cols))
     n = next(iter(next(iter(m.values())).values()))["n_tasks"]
-    lines.append(f"({n} test tasks per column, {results['config']['query']} queries per class; model selected on the "
-                 f"validation classes at epoch {results['selection']['best_epoch']})")
+    sel = results["selection"]
+    lines.append(f"({n} test tasks per column, {results['config']['query']} queries per class, every method with a "
+                 f"{results['config'].get('test_head', 'zero')} head; model selected on the validation classes at epoch {sel['best_epoch']})")
+    if sel["best_epoch"] == 0:
+        lines.append(f"meta-training never beat the initial weights on validation ({sel.get('init_val_acc') or 0:.2f} %): "
+                     "the meta-model reported is the initialisation")
+    if results["config"].get("recovery") == "real":
+        lines.append("recovery=real: the tasks are REAL train images (a diagnostic oracle, not data-free)")
     if "groups" in results:
         lines.append(f"task groups ({results['config'].get('grouping')}, {results['config'].get('group_method', 'spectral')}): "
                      f"sizes {[len(g) for g in results['groups']]}")

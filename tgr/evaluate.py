@@ -23,8 +23,8 @@ from .pool import Pool, PoolMember
 from .replay import MetaForward, adapt
 
 # %% auto 0
-__all__ = ['HEAD_INITS', 'BASELINES', 'confidence_interval', 'MetaTestResult', 'meta_test', 'reset_head', 'Baseline',
-           'build_baseline', 'evaluate_baselines', 'results_table']
+__all__ = ['HEAD_INITS', 'TEST_HEADS', 'BASELINES', 'confidence_interval', 'MetaTestResult', 'meta_test', 'reset_head',
+           'head_rule', 'Baseline', 'build_baseline', 'evaluate_baselines', 'results_table']
 
 # %% ../nbs/10_evaluate.ipynb
 def confidence_interval(accs: Sequence[float]) -> tuple[float, float]:
@@ -161,6 +161,15 @@ def reset_head(model: nn.Module, way: int, init: str = "zero", seed: int = 0) ->
     if hasattr(new, "n_classes"): new.n_classes = way
     return new.requires_grad_(True)
 
+TEST_HEADS = ("zero", "keep")
+
+def head_rule(model: nn.Module, way: int, rule: str = "zero") -> nn.Module:
+    """The model a method adapts from under evaluation rule `rule`, the same for every method: 'zero' gives it a zeroed
+    `way`-way head; 'keep' keeps its own head where that has `way` outputs (a meta-learned head, as in MAML), else zero."""
+    if rule not in TEST_HEADS: raise TGRError(f"unknown evaluation rule test_head={rule!r}; choose one of {TEST_HEADS}")
+    fits = getattr(getattr(model, "head", None), "out_features", None) == way
+    return reset_head(model, way, "keep" if rule == "keep" and fits else "zero")
+
 # %% ../nbs/10_evaluate.ipynb
 @dataclass(frozen=True)
 class Baseline:
@@ -220,11 +229,13 @@ def build_baseline(name: str, pool: Pool, way: int = 5, seed: int = 0, arch: str
 
 def evaluate_baselines(pool: Pool, dataset: FewShotDataset, way: int, shot: int, names: Sequence[str] = tuple(BASELINES),
                        seed: int = 0, arch: str | None = None, head: str = "zero", **meta_test_kw) -> dict[str, MetaTestResult]:
-    "`meta_test` each baseline in `names` on the same seeded episodes of `dataset`; `meta_test_kw` go to `meta_test`."
+    """`meta_test` each baseline in `names` on the same seeded episodes of `dataset`; `meta_test_kw` go to `meta_test`.
+    `head` is the evaluation rule (`head_rule`: 'zero' or 'keep', where a head that does not fit gets zeroed) or 'random'."""
     bad = [n for n in names if n not in BASELINES]
     if bad: raise TGRError(f"unknown baseline(s) {bad}; choose from {list(BASELINES)}")
-    return {n: meta_test(build_baseline(n, pool, way, seed, arch, head), dataset, way, shot, seed=seed, **meta_test_kw)
-            for n in names}
+    start = lambda n: (head_rule(BASELINES[n].build(pool, seed, arch), way, head) if head in TEST_HEADS
+                       else build_baseline(n, pool, way, seed, arch, head))
+    return {n: meta_test(start(n), dataset, way, shot, seed=seed, **meta_test_kw) for n in names}
 
 def results_table(results: Mapping[str, Mapping[str, MetaTestResult]]) -> str:
     "A text table: one row per method, one column per setting (e.g. '5-way 1-shot'), cells 'acc ± ci95'."

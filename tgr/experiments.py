@@ -44,6 +44,8 @@ class Experiment:
     timed: bool = False                # the table shows meta-training and task-recovery seconds (recovery comparisons)
 
 _BASE3 = ("finetune", "best_model", "average")
+_BEFORE = {"augment": "none", "replay_source": "across", "replay_updates": 1}   # the pipeline before the fixes of the ladder
+_FIXED = {"augment": "auto", "replay_source": "within", "replay_updates": 2}
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     Experiment("table1_main", "Table 1: single domain (Latin glyphs), TGR against the baselines",
@@ -90,6 +92,14 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                paper={"w/o L_CE": {"5w1s": 32.36, "5w5s": 46.22}, "w/o L_BN": {"5w1s": 41.28, "5w5s": 54.71},
                       "w/o soft labels": {"5w1s": 42.87, "5w5s": 55.53}, "w/o hard labels": {"5w1s": 43.54, "5w5s": 55.75},
                       "tgr": {"5w1s": 43.58, "5w5s": 57.49}}),
+    Experiment("ladder", "The ladder: real-data oracle, the pipeline before the fixes, then each fix added (one rule for all)",
+               {"before": _BEFORE, "+ within-task replay": {**_BEFORE, "replay_source": "within", "baselines": ()},
+                "+ augmentation": {**_BEFORE, "replay_source": "within", "augment": "auto", "baselines": ()},
+                "+ 2 replay updates": {**_FIXED, "baselines": ()},
+                "oracle (real images)": {**_FIXED, "recovery": "real", "baselines": ()}}, baselines=True,
+               claim="(ours) each fix closes part of the gap between the data-free meta-model and the real-data oracle",
+               better=(("+ within-task replay", "before"), ("+ augmentation", "+ within-task replay"),
+                       ("+ 2 replay updates", "+ augmentation"), ("+ 2 replay updates", "finetune"))),
     Experiment("fig6_models", "Fig. 6: number of pool models (and the class cover rate of the pool)",
                {str(n): {"n_models": n} for n in (5, 10, 20, 40, 80)}, overrides={"benchmark": "glyphs-latin"},
                claim="accuracy keeps rising as models are added, also once the pool covers every class",

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_inversion.ipynb 3
 from __future__ import annotations
-import copy, hashlib, time, warnings
+import copy, hashlib, math, time, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -20,9 +20,10 @@ from .core import (TGRError, config_hash, make_generator, save_artifact, load_ar
 from .models import Generator
 
 # %% auto 0
-__all__ = ['INVERSION_PRESETS', 'eval_frozen', 'bn_layers', 'BNStatHooks', 'upsample_conv_as_transpose', 'generator_forward',
-           'RecoveredTask', 'recover_task', 'InversionConfig', 'inversion_config', 'member_fingerprint',
-           'pool_fingerprint', 'task_key', 'recover_member', 'recover_pool_tasks', 'benchmark_recovery']
+__all__ = ['AUGMENTATIONS', 'INVERSION_PRESETS', 'eval_frozen', 'bn_layers', 'BNStatHooks', 'upsample_conv_as_transpose',
+           'generator_forward', 'random_augment', 'default_augment', 'RecoveredTask', 'recover_task', 'InversionConfig',
+           'inversion_config', 'member_fingerprint', 'pool_fingerprint', 'task_key', 'recover_member',
+           'recover_pool_tasks', 'benchmark_recovery']
 
 # %% ../nbs/04_inversion.ipynb
 @contextmanager
@@ -93,6 +94,28 @@ def generator_forward(G: Generator, z: Tensor, fused: bool = True) -> Tensor:
     return b.out(b.conv3(x))
 
 # %% ../nbs/04_inversion.ipynb
+AUGMENTATIONS = ("none", "affine", "affine+flip")
+
+def random_augment(x: Tensor, mode: str = "affine", generator: torch.Generator | None = None, shift: float = 0.125,
+                   scale: float = 0.1, degrees: float = 10.0) -> Tensor:
+    """A random, differentiable affine change of each image: translation up to `shift` of the width, zoom by up to `scale`,
+    rotation up to `degrees`, and with 'affine+flip' a horizontal flip with probability 1/2; border pixels repeat."""
+    if mode not in AUGMENTATIONS: raise TGRError(f"unknown augmentation {mode!r}; choose one of {AUGMENTATIONS}")
+    if mode == "none": return x
+    n = x.shape[0]
+    u = lambda *s: (2 * torch.rand(*s, generator=generator) - 1).to(x)
+    ang, s, t = u(n) * math.radians(degrees), 1 + scale * u(n), 2 * shift * u(n, 2)
+    flip = torch.where(u(n) < 0, -1.0, 1.0).to(x) if mode == "affine+flip" else torch.ones(n).to(x)
+    c, sn = torch.cos(ang) / s, torch.sin(ang) / s
+    theta = torch.stack([torch.stack([c * flip, -sn, t[:, 0]], 1), torch.stack([sn * flip, c, t[:, 1]], 1)], 1)
+    return F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), padding_mode="border", align_corners=False)
+
+def default_augment(benchmark: str) -> str:
+    "The augmentation that keeps classes on `benchmark`: flips for natural images, none for letters and unknown folders."
+    natural = {"cifar-fs", "mini-imagenet", "cub"}
+    return "affine+flip" if all(p in natural for p in str(benchmark).split("+")) else "affine"
+
+# %% ../nbs/04_inversion.ipynb
 @dataclass
 class RecoveredTask:
     "A synthetic task recovered from one teacher: images `x` in [0, 1] and hard labels `y` (0..n_classes-1). Unpacks as `(x, y)`."
@@ -121,11 +144,12 @@ def recover_task(teacher: nn.Module, n_classes: int, per_class: int = 30, steps:
                  in_ch: int = 3, *, lr: float = 1e-3, z_dim: int = 256, ngf: int = 64, use_ce: bool = True,
                  use_bn: bool = True, bn_weight: float = 1.0, seed: int = 0, member_index: int | None = None,
                  classes: Sequence[int] | None = None, fused: bool = True, device=None,
-                 show_progress: bool = False, generator: nn.Module | None = None) -> RecoveredTask:
+                 show_progress: bool = False, generator: nn.Module | None = None, augment: str = "none") -> RecoveredTask:
     """Recover a synthetic task from `teacher`: optimise a Table 7 generator and its latent codes with Adam on
     L_CE + bn_weight * L_BN (Eqs. 2-4) and return the images of the step with the lowest loss, with their labels.
     `generator`: start from a deep copy of this module (e.g. a meta-generator, notebook 04a; the caller's module is
-    never modified) instead of a freshly initialised one; its z_dim is used and z is still drawn from the seed."""
+    never modified) instead of a freshly initialised one; its z_dim is used and z is still drawn from the seed.
+    `augment`: the teacher sees every generator batch through `random_augment` with this mode (the kept images are not augmented)."""
     _check_pos_int(n_classes=n_classes, per_class=per_class, steps=steps, img_size=img_size, in_ch=in_ch)
     if not isinstance(teacher, nn.Module): raise TGRError(f"teacher must be a torch nn.Module, got {type(teacher).__name__}")
     if not (use_ce or use_bn): raise TGRError("use_ce and use_bn are both False: keep at least one loss term of Eq. 2")
@@ -153,6 +177,8 @@ def recover_task(teacher: nn.Module, n_classes: int, per_class: int = 30, steps:
             G = Generator(z_dim, ngf, img_size, in_ch)
     else: G = copy.deepcopy(generator)
     z = torch.randn(n_classes * per_class, z_dim, generator=g)
+    if augment not in AUGMENTATIONS: raise TGRError(f"unknown augmentation {augment!r}; choose one of {AUGMENTATIONS}")
+    g_aug = make_generator(seed, -1 if member_index is None else member_index, 13)
     G, z = G.to(device).train(), nn.Parameter(z.to(device))
     y = torch.arange(n_classes, device=device).repeat_interleave(per_class)
     opt = torch.optim.Adam([*G.parameters(), z], lr=lr)
@@ -163,7 +189,7 @@ def recover_task(teacher: nn.Module, n_classes: int, per_class: int = 30, steps:
         for step in progress(range(steps), desc="recover", disable=not show_progress):
             ts = time.perf_counter()
             x = generator_forward(G, z, fused)
-            logits = teacher(x)
+            logits = teacher(random_augment(x, augment, g_aug))
             if step == 0 and (logits.dim() != 2 or logits.shape[1] < n_classes):
                 raise TGRError(f"the teacher returns logits of shape {tuple(logits.shape)}, which cannot index "
                                f"n_classes={n_classes} labels; pass n_classes <= its number of outputs")
@@ -180,7 +206,7 @@ def recover_task(teacher: nn.Module, n_classes: int, per_class: int = 30, steps:
             step_s.append(time.perf_counter() - ts)
     settings = dict(n_classes=n_classes, per_class=per_class, steps=steps, img_size=img_size, in_ch=in_ch, lr=lr,
                     z_dim=z_dim, ngf=ngf, use_ce=use_ce, use_bn=use_bn, bn_weight=bn_weight, seed=seed, fused=fused,
-                    bn_layers=n_bn, start="fresh" if generator is None else "given generator")
+                    bn_layers=n_bn, start="fresh" if generator is None else "given generator", augment=augment)
     return RecoveredTask(best_x.contiguous().cpu(), y.cpu(), member_index,
                          None if classes is None else [int(c) for c in classes], losses, best_step,
                          time.perf_counter() - t0, step_s, settings)
@@ -198,6 +224,7 @@ class InversionConfig:
     use_bn: bool = True
     bn_weight: float = 1.0
     seed: int = 0
+    augment: str = "none"           # what the teacher sees at each step: 'none' (the paper's text), 'affine', 'affine+flip'
 
 INVERSION_PRESETS: dict[str, InversionConfig] = {
     "paper": InversionConfig(),
@@ -239,7 +266,7 @@ def recover_member(member, cfg: InversionConfig | str | None = None, device=None
     return recover_task(member.model(device), member.n_classes, cfg.per_class, cfg.steps, member.img_size, member.in_ch,
                         lr=cfg.lr, z_dim=cfg.z_dim, ngf=cfg.ngf, use_ce=cfg.use_ce, use_bn=cfg.use_bn,
                         bn_weight=cfg.bn_weight, seed=cfg.seed, member_index=member.index, classes=member.classes,
-                        device=device, show_progress=show_progress)
+                        device=device, show_progress=show_progress, augment=cfg.augment)
 
 def recover_pool_tasks(pool, cfg: InversionConfig | str | None = None, members: Sequence[int] | None = None,
                        out_dir: str | Path | None = None, cache: bool = True, device=None,

@@ -19,8 +19,8 @@ from torch.func import functional_call, grad, vmap
 from .core import TGRError
 
 # %% auto 0
-__all__ = ['Params', 'TaskLike', 'Task', 'StoredTask', 'MemoryBank', 'BatchStatNorm', 'batch_stat_model', 'MetaForward', 'adapt',
-           'MAMLOutput', 'maml_outputs', 'maml_loss']
+__all__ = ['Params', 'REPLAY_SOURCES', 'TaskLike', 'Task', 'StoredTask', 'MemoryBank', 'image_style', 'style_separability',
+           'BatchStatNorm', 'batch_stat_model', 'MetaForward', 'adapt', 'MAMLOutput', 'maml_outputs', 'maml_loss']
 
 # %% ../nbs/08_replay.ipynb
 Params = dict[str, Tensor]
@@ -115,6 +115,8 @@ def _stored_task(task: Any, uid: int, shape: tuple | None) -> StoredTask:
                       classes, None if member is None else int(member), uid)
 
 # %% ../nbs/08_replay.ipynb
+REPLAY_SOURCES = ("across", "within")
+
 class MemoryBank:
     "FIFO store of the most recent `capacity` recovered tasks, from which interpolated tasks are drawn (cross-task replay)."
     def __init__(self, capacity: int = 20):
@@ -144,14 +146,22 @@ class MemoryBank:
         "Global class ids held by at least one stored task with `min_images` images of that class."
         return {t.classes[k] for t in self.tasks for k in range(len(t.classes)) if t.count(k) >= min_images}
 
-    def sample(self, way: int = 5, shot: int = 1, query: int = 15, generator=None, distinct_tasks: bool = True) -> Task:
-        "An interpolated `way`-way `shot`-shot task with `query` queries per class, drawn across the stored tasks."
+    def sample(self, way: int = 5, shot: int = 1, query: int = 15, generator=None, distinct_tasks: bool = True,
+               source: str = "across") -> Task:
+        """A `way`-way `shot`-shot task with `query` queries per class: interpolated across the stored tasks (`source='across'`,
+        the paper's), or all classes from one stored task drawn at random (`source='within'`)."""
         way, shot = _check_int_arg("way", way, 1), _check_int_arg("shot", shot, 1)
         query, need = _check_int_arg("query", query, 1), shot + query
+        if source not in REPLAY_SOURCES: raise TGRError(f"source must be one of {REPLAY_SOURCES}, got {source!r}")
         pairs = [(i, k) for i, t in enumerate(self.tasks) for k in range(len(t.classes)) if t.count(k) >= need]
+        if source == "within":                           # one stored task that can fill the task; its pairs only
+            full = [i for i in range(len(self.tasks)) if sum(p[0] == i for p in pairs) >= way]
+            if full:
+                one = full[int(_randperm(len(full), generator)[0])]
+                pairs = [p for p in pairs if p[0] == one]
         order = [pairs[j] for j in _randperm(len(pairs), generator).tolist()]
         chosen, seen, used = [], set(), set()
-        for first_pass in ((True, False) if distinct_tasks else (False,)):
+        for first_pass in ((True, False) if distinct_tasks and source == "across" else (False,)):
             for i, k in order:
                 c = self.tasks[i].classes[k]
                 if len(chosen) == way: break
@@ -171,9 +181,9 @@ class MemoryBank:
                     sources=[(self.tasks[i].uid, k) for i, k in chosen], members=[self.tasks[i].member for i, k in chosen])
 
     def sample_tasks(self, n: int, way: int = 5, shot: int = 1, query: int = 15, generator=None,
-                     distinct_tasks: bool = True) -> list[Task]:
-        "`n` interpolated tasks (equal shapes, so `maml_loss` can batch them)."
-        return [self.sample(way, shot, query, generator, distinct_tasks) for _ in range(_check_int_arg("n", n, 1))]
+                     distinct_tasks: bool = True, source: str = "across") -> list[Task]:
+        "`n` tasks drawn by `sample` (equal shapes, so `maml_loss` can batch them)."
+        return [self.sample(way, shot, query, generator, distinct_tasks, source) for _ in range(_check_int_arg("n", n, 1))]
 
     def state_dict(self) -> dict:
         "Everything needed to rebuild the bank: capacity, the arrival counter and the stored tasks (tensors are never modified in place)."
@@ -200,6 +210,20 @@ class MemoryBank:
         span = f"uids {self.uids[0]}..{self.uids[-1]}, " if self.tasks else ""
         return (f"MemoryBank({len(self)}/{self.capacity} tasks, {span}{n_cls} classes "
                 f"({len(self.distinct_classes())} distinct), images {self.image_shape})")
+
+# %% ../nbs/08_replay.ipynb
+def image_style(x: Tensor) -> Tensor:
+    "12 shape-free statistics per image (n, C, H, W) with C = 3: channel means, channel stds, mean |d/dx| and |d/dy| per channel."
+    dx, dy = (x[..., :, 1:] - x[..., :, :-1]).abs(), (x[..., 1:, :] - x[..., :-1, :]).abs()
+    return torch.cat([x.mean((2, 3)), x.std((2, 3)), dx.mean((2, 3)), dy.mean((2, 3))], 1)
+
+def style_separability(task: Task) -> float:
+    "Query accuracy of a nearest-centroid classifier on `image_style` (standardised within the task): how far style alone separates the classes."
+    fs, fq = image_style(task.xs.float()), image_style(task.xq.float())
+    mu, sd = torch.cat([fs, fq]).mean(0), torch.cat([fs, fq]).std(0) + 1e-8
+    fs, fq = (fs - mu) / sd, (fq - mu) / sd
+    centroids = torch.stack([fs[task.ys == k].mean(0) for k in range(task.way)])
+    return float((torch.cdist(fq, centroids).argmin(1) == task.yq).float().mean())
 
 # %% ../nbs/08_replay.ipynb
 class BatchStatNorm(nn.Module):

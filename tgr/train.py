@@ -16,22 +16,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core import (TGRError, ArtifactError, Timer, append_jsonl, config_hash, get_device, git_commit, load_artifact,
-                      is_valid_artifact, make_rng, peak_memory_mb, prepare_run_dir, progress, read_jsonl, rng_state,
+                      is_valid_artifact, make_generator, make_rng, peak_memory_mb, prepare_run_dir, progress, read_jsonl, rng_state,
                       save_artifact, save_json, seed_everything, set_rng_state, to_jsonable)
 from .data import load_benchmark, FewShotDataset
 from .models import build_model, MODELS
 from .pool import PoolConfig, build_pool, Pool
 from .igr import igr_step, erm_step, GradStats
 from .bell import bell_step
-from .inversion import InversionConfig, recover_pool_tasks, recover_member, RecoveredTask
+from .inversion import (AUGMENTATIONS, InversionConfig, RecoveredTask, default_augment, random_augment, recover_member,
+                           recover_pool_tasks)
 from .five import MetaGenerator, five_recover
 from .grouping import task_groups, METHODS as _GROUP_METHODS
-from .replay import MemoryBank, maml_outputs
-from .evaluate import meta_test
+from .replay import MemoryBank, REPLAY_SOURCES, maml_outputs
+from .evaluate import TEST_HEADS, head_rule, meta_test
 
 # %% auto 0
-__all__ = ['ALIGNMENTS', 'GROUPINGS', 'GROUP_METHODS', 'RECOVERIES', 'MetaTrainConfig', 'kd_loss', 'Stages', 'inversion_settings',
-           'prepare_stages', 'TrainResult', 'meta_train']
+__all__ = ['ALIGNMENTS', 'GROUPINGS', 'GROUP_METHODS', 'RECOVERIES', 'MetaTrainConfig', 'kd_loss', 'Stages', 'augment_mode',
+           'inversion_settings', 'real_task', 'prepare_stages', 'TrainResult', 'meta_train']
 
 # %% ../nbs/09_train.ipynb
 @dataclass(frozen=True)
@@ -56,8 +57,11 @@ class MetaTrainConfig:
     inv_ngf: int = 64               # generator width (Table 7: 64); 32 costs about a quarter per step
     inv_ce: bool = True
     inv_bn: bool = True
+    augment: str = "auto"           # random affine (+flip) at every generator step and on the KD images; 'auto': per benchmark
+                                    # (tgr.inversion.default_augment), 'none': off (the paper's text; its code augments)
     reinvert_every: int = 1         # 1: a fresh inversion for every sampled teacher (the paper); k: every k-th epoch; 0: never
-    recovery: str = "generator"     # 'generator': a per-task generator (TGR, notebook 04); 'meta-generator': FIVE (FREE, 04a)
+    recovery: str = "generator"     # 'generator': a per-task generator (TGR, notebook 04); 'meta-generator': FIVE (FREE, 04a);
+                                    # 'real': real train images of the teacher's classes (a diagnostic oracle, not data-free)
     five_k: int = 5                 # FIVE: adaptation steps per teacher (FREE: 2 or 5)
     five_inner_lr: float = 0.01     # FIVE: Adam lr of the k adaptation steps
     five_outer_lr: float = 0.001    # FIVE: the meta-generator's lr (FREE's gamma)
@@ -81,6 +85,8 @@ class MetaTrainConfig:
     replay: bool = True
     bank_size: int = 20
     replay_batch: int = 4           # interpolated tasks per replay step
+    replay_updates: int = 1         # replay steps per epoch
+    replay_source: str = "across"   # 'across' (the paper: each class from another stored task) or 'within' (one stored task)
     replay_shot: int = 5
     replay_query: int = 15
     inner_lr: float = 0.01
@@ -88,6 +94,7 @@ class MetaTrainConfig:
     first_order: bool = False
     # validation, checkpoints, test
     eval_every: int = 50
+    test_head: str = "zero"         # evaluation rule for every method: 'zero' (a zeroed way-way head) or 'keep' (see notebook 10)
     val_shot: int = 1
     n_val_tasks: int = 100
     ckpt_every: int = 10
@@ -107,9 +114,11 @@ class MetaTrainConfig:
         "Raise `TGRError` for values that cannot work, naming the allowed ones."
         self.pool_config().check()
         if self.meta_arch not in MODELS: raise TGRError(f"meta_arch {self.meta_arch!r} unknown; choose from {sorted(MODELS)}")
-        for k, allowed in (("alignment", ALIGNMENTS), ("grouping", GROUPINGS), ("recovery", RECOVERIES), ("group_method", GROUP_METHODS)):
+        for k, allowed in (("alignment", ALIGNMENTS), ("grouping", GROUPINGS), ("recovery", RECOVERIES), ("group_method", GROUP_METHODS),
+                           ("test_head", TEST_HEADS), ("replay_source", REPLAY_SOURCES),
+                           ("augment", ("auto",) + AUGMENTATIONS)):
             if getattr(self, k) not in allowed: raise TGRError(f"{k} must be one of {sorted(allowed)}, got {getattr(self, k)!r}")
-        for k in ("epochs", "m", "inv_steps", "inv_per_class", "inv_ngf", "five_k", "bank_size", "replay_batch", "replay_shot", "replay_query",
+        for k in ("epochs", "m", "inv_steps", "inv_per_class", "inv_ngf", "five_k", "bank_size", "replay_batch", "replay_updates", "replay_shot", "replay_query",
                   "inner_steps", "n_val_tasks", "n_test_tasks", "eval_every", "ckpt_every", "query"):
             if int(getattr(self, k)) < 1: raise TGRError(f"{k} must be at least 1, got {getattr(self, k)}")
         if self.reinvert_every < 0: raise TGRError("reinvert_every must be >= 0 (0: never re-invert)")
@@ -144,7 +153,7 @@ ALIGNMENTS: dict[str, Callable] = {
 ALIGNMENTS["bell"] = lambda model, tasks, loss, cfg: bell_step(model, tasks, loss, inner_lr=cfg.bell_inner_lr)
 GROUPINGS = ("dissimilarity", "similarity", "none")
 GROUP_METHODS = tuple(_GROUP_METHODS)
-RECOVERIES = ("generator", "meta-generator")
+RECOVERIES = ("generator", "meta-generator", "real")
 
 # %% ../nbs/09_train.ipynb
 @dataclass
@@ -156,9 +165,27 @@ class Stages:
     grouping: object | None
     inversion: InversionConfig
 
+def augment_mode(cfg: MetaTrainConfig) -> str:
+    "The augmentation a run uses: `cfg.augment`, with 'auto' resolved for its benchmark."
+    return default_augment(cfg.benchmark) if cfg.augment == "auto" else cfg.augment
+
 def inversion_settings(cfg: MetaTrainConfig) -> InversionConfig:
     return InversionConfig(per_class=cfg.inv_per_class, steps=cfg.inv_steps, lr=cfg.inv_lr, ngf=cfg.inv_ngf, use_ce=cfg.inv_ce,
-                           use_bn=cfg.inv_bn, seed=cfg.seed)
+                           use_bn=cfg.inv_bn, seed=cfg.seed, augment=augment_mode(cfg))
+
+def real_task(member, train: FewShotDataset, per_class: int, seed: int) -> RecoveredTask:
+    """The real-data oracle's task for a teacher: `per_class` real train images of each of its classes (label k is
+    `member.classes[k]`), the shape of a recovered task. It breaks the data-free setting: a diagnostic, never a default."""
+    rng, xs = make_rng(seed, member.index, 7), []
+    for c in member.classes:
+        idx = train.indices_of(int(c))
+        if len(idx) < per_class:
+            raise TGRError(f"recovery='real' needs {per_class} train images of class {train.classes[int(c)]!r}, which has "
+                           f"{len(idx)}; lower inv_per_class")
+        xs.append(train.get(idx[torch.from_numpy(rng.choice(len(idx), per_class, replace=False))])[0])
+    y = torch.arange(len(member.classes)).repeat_interleave(per_class)
+    return RecoveredTask(torch.cat(xs), y, member.index, [int(c) for c in member.classes],
+                         settings={"recovery": "real", "per_class": per_class, "seed": seed, "n_classes": len(member.classes)})
 
 def prepare_stages(cfg: MetaTrainConfig, device=None, timer: Timer | None = None, show_progress: bool = True,
                    pool_dir: str | Path | None = None) -> Stages:
@@ -169,7 +196,10 @@ def prepare_stages(cfg: MetaTrainConfig, device=None, timer: Timer | None = None
     # per-member tasks feed the Fisher embeddings and amortized training; FREE (meta-generator, no grouping) needs neither
     need_tasks = not (cfg.recovery == "meta-generator" and cfg.grouping == "none")
     with timer("recover"):
-        tasks = recover_pool_tasks(pool, inv, device=device, show_progress=show_progress) if need_tasks else None
+        if cfg.recovery == "real":
+            train = load_benchmark(cfg.benchmark, "train", root=cfg.root)
+            tasks = [real_task(m, train, cfg.inv_per_class, cfg.seed) for m in pool]
+        else: tasks = recover_pool_tasks(pool, inv, device=device, show_progress=show_progress) if need_tasks else None
     grouping = None
     if cfg.grouping == "none": groups = [list(range(len(pool)))]
     else:
@@ -204,6 +234,7 @@ class TrainResult:
     timings: dict
     run_dir: Path
     peak_memory_mb: float
+    init_val_acc: float | None = None   # validation accuracy of the initial weights (epoch 0, a selection candidate)
 
 def _teacher_cache(pool, device):
     cache = {}
@@ -233,6 +264,11 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, resume: bool = False, over
     seed_everything(cfg.seed)       # again: cached stages consume no randomness, fresh ones do; the loop must not care
     pool, teacher = st.pool, _teacher_cache(st.pool, device)
     val = load_benchmark(cfg.benchmark, "val", root=cfg.root)
+    train = load_benchmark(cfg.benchmark, "train", root=cfg.root) if cfg.recovery == "real" else None
+    def validate():                 # the evaluation rule of the test, on the validation classes
+        return meta_test(head_rule(model, cfg.way, cfg.test_head), val, cfg.way, cfg.val_shot, query=cfg.query,
+                         n_tasks=cfg.n_val_tasks, inner_steps=cfg.test_inner_steps, inner_lr=cfg.inner_lr, seed=cfg.seed,
+                         device=device, show_progress=False)
     img, in_ch = pool[0].img_size, pool[0].in_ch
     model = build_model(cfg.meta_arch, cfg.way, img, in_ch).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)
@@ -253,7 +289,10 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, resume: bool = False, over
         if mg is not None: mg.load_state_dict(ck["meta_generator"])
         for k, v in ck["timings"].items(): timer.seconds[k] = v
         _truncate_lines(metrics_path, ck["metrics_lines"])
-    elif metrics_path.exists(): metrics_path.unlink()
+    else:
+        if metrics_path.exists(): metrics_path.unlink()
+        with timer("validate"): acc0 = validate().acc     # the initial weights are a candidate: epoch 0
+        best = {"acc": acc0, "epoch": 0, "state": copy.deepcopy(model.state_dict()), "init_acc": acc0}
     n_lines = len(metrics_path.read_text().splitlines()) if metrics_path.exists() else 0
     loss_fn = kd_loss(cfg.soft_labels, cfg.hard_labels, cfg.kd_temperature)
     align = ALIGNMENTS[cfg.alignment]
@@ -276,12 +315,13 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, resume: bool = False, over
                                      classes=[pool[i].classes for i in members])
             else:
                 fresh = cfg.reinvert_every > 0 and epoch % cfg.reinvert_every == 0
-                tasks = [recover_member(pool[i], replace(st.inversion, seed=cfg.seed * 100003 + epoch), device) if fresh
-                         else st.tasks[i] for i in members]
+                new = ((lambda i: real_task(pool[i], train, cfg.inv_per_class, cfg.seed * 100003 + epoch)) if train is not None
+                       else (lambda i: recover_member(pool[i], replace(st.inversion, seed=cfg.seed * 100003 + epoch), device)))
+                tasks = [new(i) if fresh else st.tasks[i] for i in members]
         with timer("align"):
-            batch = []
+            batch, g_aug = [], make_generator(cfg.seed, 17, epoch)     # per epoch: a resumed run draws the same
             for i, t in zip(members, tasks):
-                x = t.x.to(device)
+                x = random_augment(t.x.to(device), augment_mode(cfg), g_aug)
                 with torch.no_grad(): tl = teacher(i)(x)
                 batch.append((x, t.y.to(device), tl))
             model.train(); opt.zero_grad(set_to_none=True)
@@ -299,24 +339,24 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, resume: bool = False, over
                 bank.extend(SimpleNamespace(x=t.x, y=t.y, classes=list(pool[i].classes), member=pool[i].index)
                             for i, t in zip(members, tasks))
                 need = cfg.replay_shot + cfg.replay_query
-                rtasks = (bank.sample_tasks(cfg.replay_batch, cfg.way, cfg.replay_shot, cfg.replay_query, generator=gen)
-                          if len(bank.distinct_classes(need)) >= cfg.way else [])   # empty only while the bank fills up
-                if rtasks:
-                    out_m = maml_outputs(model, [t.to(device) for t in rtasks], cfg.inner_steps, cfg.inner_lr, cfg.first_order)
-                    if not torch.isfinite(out_m.loss):
-                        raise TGRError(f"non-finite replay loss at epoch {epoch}, step 'replay'; the last good checkpoint is "
-                                       f"{ckpt_path if ckpt_path.exists() else 'not written yet'}: lower meta_lr or inner_lr and --resume")
-                    opt.zero_grad(set_to_none=True); out_m.loss.backward(); opt.step()
-                    rec.update(replay_loss=out_m.loss.item(), replay_acc=float(out_m.query_acc.mean()))
+                if len(bank.distinct_classes(need)) >= cfg.way:     # false only while the bank fills up
+                    r_loss, r_acc = [], []
+                    for _ in range(cfg.replay_updates):
+                        rtasks = bank.sample_tasks(cfg.replay_batch, cfg.way, cfg.replay_shot, cfg.replay_query, generator=gen,
+                                                   source=cfg.replay_source)
+                        out_m = maml_outputs(model, [t.to(device) for t in rtasks], cfg.inner_steps, cfg.inner_lr, cfg.first_order)
+                        if not torch.isfinite(out_m.loss):
+                            raise TGRError(f"non-finite replay loss at epoch {epoch}, step 'replay'; the last good checkpoint is "
+                                           f"{ckpt_path if ckpt_path.exists() else 'not written yet'}: lower meta_lr or inner_lr and --resume")
+                        opt.zero_grad(set_to_none=True); out_m.loss.backward(); opt.step()
+                        r_loss.append(out_m.loss.item()); r_acc.append(float(out_m.query_acc.mean()))
+                    rec.update(replay_loss=sum(r_loss) / len(r_loss), replay_acc=sum(r_acc) / len(r_acc))
                 else: rec["replay_skipped"] = f"bank holds fewer than {cfg.way} classes with {need} images"
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            with timer("validate"):
-                r = meta_test(model, val, cfg.way, cfg.val_shot, query=cfg.query, n_tasks=cfg.n_val_tasks,
-                              inner_steps=cfg.test_inner_steps, inner_lr=cfg.inner_lr, seed=cfg.seed, device=device,
-                              show_progress=False)
+            with timer("validate"): r = validate()
             rec.update(val_acc=r.acc, val_ci95=r.ci95)
             if best["acc"] is None or r.acc > best["acc"]:
-                best = {"acc": r.acc, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+                best = {"acc": r.acc, "epoch": epoch, "state": copy.deepcopy(model.state_dict()), "init_acc": best.get("init_acc")}
         rec["seconds"] = time.perf_counter() - t_epoch
         rec["peak_rss_mb"] = round(peak_memory_mb())      # flat across epochs = no leak (the authors' code grows)
         append_jsonl(rec, metrics_path); n_lines += 1
@@ -327,4 +367,4 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, resume: bool = False, over
                 save_artifact(state, ckpt_path)
         if _stop_after is not None and epoch >= _stop_after: break
     model.load_state_dict(best["state"])
-    return TrainResult(model, best["acc"], best["epoch"], epoch, st, dict(timer.seconds), out, peak_memory_mb())
+    return TrainResult(model, best["acc"], best["epoch"], epoch, st, dict(timer.seconds), out, peak_memory_mb(), best.get("init_acc"))
