@@ -97,3 +97,15 @@ def test_glyph_masks_shipped_and_close_to_a_fresh_render():
     assert masks.shape == (len(meta["letters"]), 16, 3, 64, 64) and masks.dtype == np.uint8
     fresh = render_glyph_masks(meta["letters"][:4])                    # this machine's FreeType may differ by a grey level
     assert np.abs(fresh.astype(float) - masks[:4]).mean() / 255 < 0.01
+
+
+def test_fingerprint_follows_the_content(tmp_path):
+    "Two folders with the same layout but other images get other fingerprints and benchmark checksums; the same one, the same."
+    from tgr.data import benchmark_checksum
+    a = write_folder(tmp_path / "a" / "data")
+    b = write_folder(tmp_path / "b" / "data", size=44)                     # same class names and files, other pixels
+    fa, fb = (load_benchmark(str(r), "train").fingerprint() for r in (a, b))
+    assert fa != fb and fa == load_benchmark(str(a), "train").fingerprint()
+    assert benchmark_checksum(str(a)) != benchmark_checksum(str(b))
+    glyphs = load_benchmark("glyphs-greek", "test")
+    assert glyphs.fingerprint() == load_benchmark("glyphs-greek", "test").fingerprint() != fa

@@ -32,7 +32,7 @@ PRESETS: dict[str, RunConfig] = {
                        n_test_tasks=20, ckpt_every=2, reinvert_every=0, query=5),
     "quick": RunConfig(n_models=20, pool_epochs=10, inv_steps=30, inv_per_class=10, inv_ngf=32, inv_lr=0.01, n_groups=3,
                        epochs=150, reinvert_every=0, replay_shot=1, replay_query=5, eval_every=25, n_val_tasks=50,
-                       n_test_tasks=150, ckpt_every=25),
+                       n_test_tasks=150, ckpt_every=25, replay_source="within"),   # chosen on validation (the ladder, nb 11)
     "paper-cifar-fs": RunConfig(benchmark="cifar-fs", **_PAPER),
     "paper-mini-imagenet": RunConfig(benchmark="mini-imagenet", n_models=100, epochs=1200),
     "paper-cub": RunConfig(benchmark="cub", **_PAPER),

@@ -225,7 +225,7 @@ def designed_pool(class_sets: Sequence[Sequence[int]], archs: Sequence[str], epo
         if len(s) < 2 or len(set(s)) != len(s) or not all(0 <= int(c) < ds.n_classes for c in s):
             raise TGRError(f"class set {list(s)} must hold at least 2 distinct class ids in 0..{ds.n_classes - 1} ({ds.name} train)")
     spec = dict(benchmark=ds.name, design=[sorted(int(c) for c in s) for s in class_sets], archs=list(archs), epochs=epochs, seed=seed)
-    path = Path(out_dir or cache_dir("pools"))/f"design-{config_hash(spec)}"
+    path = Path(out_dir or cache_dir("pools"))/f"design-{config_hash({**spec, 'data': ds.fingerprint()})}"   # other images: other pool
     path.mkdir(parents=True, exist_ok=True); device = get_device(device)
     members = []
     for i, (cls, arch) in enumerate(zip(spec["design"], archs)):
