@@ -295,6 +295,7 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, resume: bool = False, over
         best = {"acc": acc0, "epoch": 0, "state": copy.deepcopy(model.state_dict()), "init_acc": acc0}
     n_lines = len(metrics_path.read_text().splitlines()) if metrics_path.exists() else 0
     loss_fn = kd_loss(cfg.soft_labels, cfg.hard_labels, cfg.kd_temperature)
+    aug = augment_mode(cfg)         # resolved once, not per task and epoch
     align = ALIGNMENTS[cfg.alignment]
     bar = progress(range(start, cfg.epochs + 1), desc="meta-train", disable=not show_progress, leave=True)
     epoch = start - 1
@@ -321,7 +322,7 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, resume: bool = False, over
         with timer("align"):
             batch, g_aug = [], make_generator(cfg.seed, 17, epoch)     # per epoch: a resumed run draws the same
             for i, t in zip(members, tasks):
-                x = random_augment(t.x.to(device), augment_mode(cfg), g_aug)
+                x = random_augment(t.x.to(device), aug, g_aug)
                 with torch.no_grad(): tl = teacher(i)(x)
                 batch.append((x, t.y.to(device), tl))
             model.train(); opt.zero_grad(set_to_none=True)
