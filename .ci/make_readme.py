@@ -4,7 +4,7 @@ Markdown cells are copied; code cells that are not hidden become fenced Python b
 followed by their text outputs. `--check` exits 1 when README.md is out of date.
 Usage: python .ci/make_readme.py [--check]
 """
-import json, sys
+import json, re, sys
 from pathlib import Path
 
 root = Path(__file__).resolve().parent.parent
@@ -16,7 +16,8 @@ def render(nb_path: Path) -> str:
     for cell in nb["cells"]:
         src = "".join(cell["source"]).strip("\n")
         if cell["cell_type"] == "markdown":
-            parts.append(src)
+            # links between notebooks are relative to nbs/ (right on the docs site); from the README they live in nbs/
+            parts.append(re.sub(r"\]\((?!https?:|#|/)([^)]+\.ipynb)\)", r"](nbs/\1)", src))
         elif cell["cell_type"] == "code" and not any(l.strip() in ("#| hide", "#|hide") for l in src.splitlines()):
             parts.append(f"```python\n{src}\n```")
             for out in cell.get("outputs", []):

@@ -93,6 +93,9 @@ def test_help_explains_presets_and_fields(capsys):
     (["run", "--preset", "paper-cifar-fs"], "root"),                   # no data root given
     (["run", "--preset", "smoke", "way=40"], "lower `way`"),           # the glyph test split has 32 classes
     (["run", "--preset", "smoke", "shots=[200]"], "lower `way`, `shot` or `query`"),  # 100 images per class
+    (["run", "--preset", "smoke", "beta=NaN"], "beta must be a finite number"),
+    (["run", "--preset", "smoke", "inner_lr=0"], "inner_lr must be a finite number > 0"),   # the field is named
+    (["run", "--preset", "smoke", "--resume"], "holds no run"),       # nothing to resume: said at once
 ])
 def test_bad_inputs_fail_clearly_and_write_nothing(capsys, tmp_path, args, message):
     out = tmp_path / "run"

@@ -28,6 +28,13 @@ def test_readme_is_generated_from_index():
     assert r.returncode == 0, r.stderr
 
 
+def test_readme_links_point_at_files():
+    links = re.findall(r"\]\((?!https?:|#)([^)\s]+)\)", (ROOT / "README.md").read_text())
+    assert links, "the README links the notebooks"
+    missing = [l for l in links if not (ROOT / l.split("#")[0]).exists()]
+    assert not missing, f"README links to files that do not exist: {missing}"
+
+
 def test_sidebar_lists_notebooks_in_reading_order():
     listed = re.findall(r"^\s*-\s*(\S+\.ipynb)", (ROOT / "nbs" / "sidebar.yml").read_text(), re.M)
     numbered = sorted(p.name for p in (ROOT / "nbs").glob("[0-9][0-9]*.ipynb"))

@@ -7,20 +7,22 @@ from __future__ import annotations
 import dataclasses, json, shlex, sys, time
 from dataclasses import dataclass, fields, asdict, replace
 from pathlib import Path
+from typing import Sequence
 
 import argparse
-from fastcore.script import anno_parser, Param, store_true
 
-from .core import (TGRError, Timer, config_hash, git_commit, peak_memory_mb, prepare_run_dir, save_json,
+from . import __version__
+from .core import (TGRError, Timer, config_hash, git_commit, load_json, peak_memory_mb, prepare_run_dir, save_json,
                       seed_everything, to_jsonable, get_device)
-from .data import GLYPH_SHA256, benchmark_checksum, load_benchmark
+from .data import GLYPH_SHA256, benchmark_checksum, load_benchmark, split_folder
 from .inversion import pool_fingerprint
-from .train import MetaTrainConfig, meta_train
+from .pool import build_pool
+from .train import MetaTrainConfig, meta_train, load_meta_model
 from .evaluate import head_rule, meta_test, evaluate_baselines, results_table
 
 # %% auto 0
-__all__ = ['RunConfig', 'PRESETS', 'METHODS', 'PRESET_HELP', 'resolve_config', 'describe_presets', 'score_rows', 'preflight',
-           'data_checksums', 'run', 'format_results', 'main']
+__all__ = ['RunConfig', 'PRESETS', 'METHODS', 'PRESET_HELP', 'TEST_FIELDS', 'resolve_config', 'apply_overrides',
+           'describe_presets', 'score_rows', 'preflight', 'data_checksums', 'run', 'format_results', 'test_run', 'main']
 
 # %% ../nbs/12_cli.ipynb
 RunConfig = MetaTrainConfig    # every field of the run; see tgr.train
@@ -67,19 +69,28 @@ def resolve_config(preset: str, overrides: list[str] | None = None, method: str 
     methods, fields or malformed values raise `TGRError`."""
     if preset not in PRESETS: raise TGRError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     if method not in METHODS: raise TGRError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
-    cfg = replace(PRESETS[preset], **METHODS[method])
-    field_types = {f.name: str(f.type) for f in fields(RunConfig)}; names = set(field_types)
+    return apply_overrides(replace(PRESETS[preset], **METHODS[method]), overrides)
+
+def apply_overrides(cfg: RunConfig, overrides: list[str] | None, allowed: Sequence[str] | None = None) -> RunConfig:
+    "`cfg` with `field=value` items applied in order; `allowed` restricts the fields (e.g. to those of a test)."
+    field_types = {f.name: str(f.type) for f in fields(RunConfig)}; names = set(allowed or field_types)
     for item in overrides or []:
         if "=" not in item: raise TGRError(f"override {item!r} is not of the form field=value (e.g. seed=3)")
         k, v = item.split("=", 1)
-        if k not in names: raise TGRError(f"unknown config field {k!r}; fields are: {', '.join(sorted(names))}")
-        try: cfg = replace(cfg, **{k: _parse_value(v, getattr(cfg, k), "| str" in field_types[k])})
+        if k not in names: raise TGRError(f"unknown config field {k!r}{' here' if allowed else ''}; fields are: {', '.join(sorted(names))}")
+        v = None if v == "none" and field_types[k].endswith("| None") else v       # e.g. img_size=none, root=none
+        try: cfg = replace(cfg, **{k: v if v is None else _parse_value(v, getattr(cfg, k), "| str" in field_types[k])})
         except TGRError as e: raise TGRError(f"{k}: {e}") from None
     return cfg
 
 def describe_presets() -> str:
     "The presets and the config fields with their defaults, as text."
-    lines = ["presets:"] + [f"  {k:8s} {PRESET_HELP.get(k, '')}" for k in PRESETS]
+    default = RunConfig()
+    lines = ["presets (what each sets, beside the defaults below):"]
+    for k, p in PRESETS.items():
+        sets = " ".join(f"{f.name}={json.dumps(to_jsonable(getattr(p, f.name)))}" for f in fields(RunConfig)
+                        if getattr(p, f.name) != getattr(default, f.name))
+        lines += [f"  {k:20s} {PRESET_HELP.get(k, '')}", f"  {'':20s} {sets or '(the defaults)'}"]
     lines += ["fields (default = the paper's value where it gives one):"]
     lines += [f"  {f.name}={json.dumps(to_jsonable(f.default))}" for f in fields(RunConfig)]
     return "\n".join(lines)
@@ -103,7 +114,7 @@ def preflight(cfg: RunConfig) -> None:
     (a missing `root` fails here), the train split has `way` classes for the pool, and the validation and test
     splits have `way` classes with `shot + query` images for every shot. Raises `TGRError` naming the fix."""
     from tgr.data import EpisodeSampler
-    splits = {s: load_benchmark(cfg.benchmark, s, root=cfg.root) for s in ("train", "val", "test")}
+    splits = {s: cfg.data(s) for s in ("train", "val", "test")}
     if cfg.way > splits["train"].n_classes:
         raise TGRError(f"way={cfg.way} but the train split of {cfg.benchmark!r} has only {splits['train'].n_classes} "
                        f"classes for the pool members; lower way")
@@ -122,20 +133,16 @@ def run(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, ove
     baselines, and write results.json."""
     cfg.check()
     out = Path(out or f"runs/{config_hash(cfg)}")
+    prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite, create=False)   # a wrong --resume or --out fails now
+    print(f"run directory: {out}", flush=True)
     device = get_device(cfg.device)
     t0 = time.perf_counter()
-    preflight(cfg)                   # data problems surface now, before a run directory or hours of training
+    preflight(cfg)                   # data problems surface now, before hours of training
     tr = meta_train(cfg, out, resume=resume, overwrite=overwrite, show_progress=show_progress)
     save_json({"config": cfg, "git_commit": git_commit(), "argv": argv or sys.argv}, out/"config.json")
     timer = Timer(); timer.seconds.update(tr.timings)
-    with timer("test_data"): test = load_benchmark(cfg.benchmark, "test", root=cfg.root)
-    with timer("meta_test"): methods: dict = {method: score_rows(tr.model, test, cfg, device, show_progress)}
-    methods.update({b: {} for b in cfg.baselines})
-    with timer("baselines"):
-        for shot in cfg.shots:
-            for name, r in evaluate_baselines(tr.stages.pool, test, cfg.way, shot, names=cfg.baselines, seed=cfg.seed,
-                                              head=cfg.test_head, **_test_kw(cfg, device, show_progress)).items():
-                methods[name][f"{cfg.way}w{shot}s"] = _row(r)
+    with timer("test_data"): test = cfg.data("test")
+    methods = _score_methods(tr.model, tr.stages.pool, test, cfg, method, timer, device, show_progress)
     results = {"config": to_jsonable(cfg), "git_commit": git_commit(), "checksums": data_checksums(cfg, tr.stages.pool),
                "methods": methods,
                "evaluation": {"test_head": cfg.test_head, "episode_seed": cfg.seed, "inner_steps": cfg.test_inner_steps},
@@ -145,8 +152,19 @@ def run(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, ove
                "timings": {k: round(v, 2) for k, v in timer.seconds.items()}, "total_seconds": round(time.perf_counter() - t0, 1),
                "peak_memory_mb": round(peak_memory_mb()), "device": str(device)}
     save_json(results, out/"results.json")
-    print(format_results(results))
+    print(format_results(results)); print(f"written: {out/'results.json'}")
     return results
+
+def _score_methods(model, pool, test, cfg: RunConfig, method: str, timer: Timer, device=None, show_progress: bool = True) -> dict:
+    "The meta-model's rows and the baselines' (`cfg.baselines`, from `pool`) on the same seeded episodes, under one rule."
+    with timer("meta_test"): methods: dict = {method: score_rows(model, test, cfg, device, show_progress)}
+    methods.update({b: {} for b in cfg.baselines})
+    with timer("baselines"):
+        for shot in cfg.shots:
+            for name, r in evaluate_baselines(pool, test, cfg.way, shot, names=cfg.baselines, seed=cfg.seed,
+                                              head=cfg.test_head, **_test_kw(cfg, device, show_progress)).items():
+                methods[name][f"{cfg.way}w{shot}s"] = _row(r)
+    return methods
 
 def format_results(results: dict) -> str:
     "The results table of a run (accuracy % with 95 % CI over the same seeded test episodes) and its timings."
@@ -162,6 +180,7 @@ def format_results(results: dict) -> str:
     if sel["best_epoch"] == 0:
         lines.append(f"meta-training never beat the initial weights on validation ({sel.get('init_val_acc') or 0:.2f} %): "
                      "the meta-model reported is the initialisation")
+    if sel.get("finished") is False: lines.append("the run was interrupted: this is the best candidate up to its last checkpoint")
     if results["config"].get("recovery") == "real":
         lines.append("recovery=real: the tasks are REAL train images (a diagnostic oracle, not data-free)")
     if "groups" in results:
@@ -173,47 +192,119 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/12_cli.ipynb
-_HELP = """tgr: data-free meta-learning with task groupings regularization (TGR, ICML 2024).
+TEST_FIELDS = ("benchmark", "root", "img_size", "seed", "way", "shots", "query", "n_test_tasks", "test_inner_steps",
+               "inner_lr", "test_head", "baselines", "device")
+
+def test_run(run_dir: str | Path, overrides: list[str] | None = None, show_progress: bool = True) -> dict:
+    """Meta-test the selected meta-model of the run in `run_dir` and the baselines of its pool under the run's test
+    settings changed by `field=value` items (fields: `TEST_FIELDS`); write `run_dir/meta-test/<key>.json`."""
+    model, info = load_meta_model(run_dir)
+    cfg = info["config"]
+    new = apply_overrides(cfg, overrides, allowed=TEST_FIELDS)
+    if new.img_size is None and (new.benchmark, new.root) != (cfg.benchmark, cfg.root): new = replace(new, img_size=model.img_size)
+    new.check()
+    key = config_hash({k: getattr(new, k) for k in TEST_FIELDS})
+    out = Path(run_dir)/"meta-test"/f"{key}.json"
+    if out.exists():
+        done = load_json(out); print(format_results(done)); print(f"(stored earlier: {out})"); return done
+    timer, t0, device = Timer(), time.perf_counter(), get_device(new.device)
+    with timer("test_data"): test = new.data("test")
+    if test.img_size != model.img_size:
+        raise TGRError(f"the meta-model takes {model.img_size}x{model.img_size} images but {new.benchmark!r} gives "
+                       f"{test.img_size}x{test.img_size}; add img_size={model.img_size}")
+    with timer("pool"): pool = build_pool(cfg.pool_config(), device=device, show_progress=show_progress)   # the run's pool
+    name = "free" if all(getattr(cfg, k) == v for k, v in METHODS["free"].items()) else "tgr"
+    methods = _score_methods(model, pool, test, new, name, timer, device, show_progress)
+    results = {"config": to_jsonable(new), "run": str(run_dir), "trained_on": {"benchmark": cfg.benchmark, "root": cfg.root},
+               "git_commit": git_commit(), "checksums": data_checksums(new, pool), "methods": methods,
+               "evaluation": {"test_head": new.test_head, "episode_seed": new.seed, "inner_steps": new.test_inner_steps},
+               "selection": {"best_val_acc": info["val_acc"], "best_epoch": info["epoch"], "split": "val",
+                             "init_val_acc": info["init_val_acc"], "beat_init": info["epoch"] > 0, "finished": info["finished"]},
+               "timings": {k: round(v, 2) for k, v in timer.seconds.items()}, "total_seconds": round(time.perf_counter() - t0, 1),
+               "peak_memory_mb": round(peak_memory_mb()), "device": str(device)}
+    save_json(results, out)
+    print(format_results(results)); print(f"written: {out}")
+    return results
+
+# %% ../nbs/12_cli.ipynb
+_HELP = """tgr: data-free meta-learning with task groupings regularization (TGR, ICML 2024) and FREE (CVPR 2024).
 
   tgr run [--preset NAME] [--method tgr|free] [--out DIR] [--resume | --overwrite] [field=value ...]
-  tgr presets        (every preset, and every config field with its default)
+  tgr test --run DIR [field=value ...]      meta-test a trained meta-model again, e.g. on another benchmark
+  tgr split SRC DST [--val F] [--test F] [--seed S]   link a folder of class folders into train/val/test
+  tgr presets                               every preset (and what it sets) and every config field with its default
 
-run builds what is missing (benchmark, pool, recovered tasks, Fisher embeddings, task groups; all cached), meta-trains
-(Algorithm 1), scores the meta-model and the baselines on the same seeded 5-way 1-shot and 5-shot test episodes, prints
-the table and writes config.json, metrics.jsonl, checkpoint.pt and results.json into --out. A killed run continues
+`tgr COMMAND --help` says more about each command."""
+
+_RUN_HELP = """Build what is missing (benchmark, pool, recovered tasks, Fisher embeddings, task groups; all cached), meta-train
+(Algorithm 1), score the meta-model and the baselines on the same seeded 5-way 1-shot and 5-shot test episodes, print
+the table and write config.json, metrics.jsonl, checkpoint.pt and results.json into --out. A killed run continues
 with --resume and the same arguments.
 
 Presets:
 """ + "\n".join(f"  {k:20s} {v}" for k, v in PRESET_HELP.items()) + """
 
 Fields: any config field can be set as field=value, e.g. seed=3 n_models=20 epochs=100 grouping=none alignment=erm
-replay=false root=/data/cifar100 archs=conv4,resnet10 device=cuda. Values are read as JSON where they parse.
-Main fields: benchmark, root, seed, n_models, archs, epochs, m, grouping (dissimilarity|similarity|none), n_groups,
-group_method (spectral|balanced), alignment (igr|erm|bell), beta, replay, recovery (generator|meta-generator), five_k, inv_steps, inv_per_class, reinvert_every, n_test_tasks, shots, device."""
+replay=false root=/data/cifar100 archs=conv4,resnet10 device=cuda img_size=32. Values are read as JSON where they parse.
+Main fields: benchmark (a name or a folder), root, img_size, seed, n_models, archs, epochs, m, grouping
+(dissimilarity|similarity|none), n_groups, group_method (spectral|balanced), alignment (igr|erm|bell), beta, replay,
+recovery (generator|meta-generator|real), five_k, inv_steps, inv_per_class, reinvert_every, n_test_tasks, shots, device.
+`tgr presets` lists them all."""
 
-def _arguments(command: Param("run: the pipeline; presets: list presets and config fields", str, opt=False,
-                              choices=["run", "presets"]),
-               preset: Param("named config: " + ", ".join(PRESETS), str) = "quick",
-               method: Param("tgr (grouping + IGR + replay) or free (meta-generator + BELL + replay, no grouping)", str,
-                             choices=list(METHODS)) = "tgr",
-               out: Param("run directory (default: runs/<config hash>)", str) = None,
-               resume: Param("continue the run in --out from its last checkpoint (same config)", store_true) = False,
-               overwrite: Param("replace a run in --out that has another config", store_true) = False):
-    "The command's arguments, read by fastcore.script's `anno_parser`; `main` does the work."
+_TEST_HELP = f"""Meta-test the selected meta-model of a finished or interrupted run (the folder `tgr run` wrote) beside the
+baselines of its pool, under the run's test settings changed by field=value items. Allowed fields:
+{', '.join(TEST_FIELDS)}. Another benchmark or folder (benchmark=... root=...) gives a cross-domain test; its
+images are resized to the meta-model's size. Results go to DIR/meta-test/<key>.json, one file per setting.
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    def _expand_help(self, action): return self._get_help_string(action)
+  tgr test --run runs/abc123 benchmark=glyphs-greek n_test_tasks=600"""
+
+_SPLIT_HELP = """Link the images of SRC into DST/train, DST/val and DST/test by class (no copies): SRC/<class>/<images>, or
+SRC/<domain>/<class>/<images>, whose classes are then split within each domain and keep it. Then:
+
+  tgr split ~/scripts data && tgr run --preset smoke benchmark=data"""
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="tgr", description=_HELP, formatter_class=fmt)
+    p.add_argument("--version", action="version", version=f"tgr {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="{run,test,split,presets}")
+    r = sub.add_parser("run", help="meta-train and test (the main job)", description=_RUN_HELP, formatter_class=fmt,
+                       usage="tgr run [--preset NAME] [--method tgr|free] [--out DIR] [--resume | --overwrite] [field=value ...]")
+    r.add_argument("--preset", default="quick", choices=list(PRESETS), metavar="NAME", help="named config (default: quick)")
+    r.add_argument("--method", default="tgr", choices=list(METHODS), help="tgr (default) or free")
+    r.add_argument("--out", metavar="DIR", help="run directory (default: runs/<config hash>)")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (same config)")
+    r.add_argument("--overwrite", action="store_true", help="replace a run in --out that has another config")
+    t = sub.add_parser("test", help="meta-test a trained meta-model", description=_TEST_HELP, formatter_class=fmt,
+                       usage="tgr test --run DIR [field=value ...]")
+    t.add_argument("--run", required=True, metavar="DIR", help="the run directory (holds config.json and checkpoint.pt)")
+    s = sub.add_parser("split", help="make a folder benchmark from a folder of class folders", description=_SPLIT_HELP,
+                       formatter_class=fmt, usage="tgr split SRC DST [--val F] [--test F] [--seed S]")
+    s.add_argument("src", metavar="SRC", help="a folder of class folders, or of domain folders of class folders")
+    s.add_argument("dst", metavar="DST", help="a new folder: DST/{train,val,test}/... (links to the images)")
+    s.add_argument("--val", type=float, default=0.16, metavar="F", help="fraction of each domain's classes for validation (0.16)")
+    s.add_argument("--test", type=float, default=0.2, metavar="F", help="fraction of each domain's classes for test (0.2)")
+    s.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the class shuffle (0)")
+    sub.add_parser("presets", help="list presets and config fields", description="Every preset, what it sets, and every field.")
+    return p
 
 def main(argv: list[str] | None = None):
     "Entry point of the `tgr` console script (argv: the arguments, default sys.argv[1:])."
-    p = anno_parser(_arguments, prog="tgr"); p.description, p.formatter_class = _HELP, _Formatter
+    p = _parser()
     a, overrides = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
+        if a.command is None: p.print_help(); sys.exit(2)
         bad = [x for x in overrides if x.startswith("-")]
-        if bad: raise TGRError(f"unknown option(s) {bad}; see `tgr --help`")
+        if bad: raise TGRError(f"unknown option(s) {bad} for `tgr {a.command}`; see `tgr {a.command} --help`")
         if a.command == "presets":
             if overrides: raise TGRError(f"`tgr presets` takes no field=value items, got {overrides}")
             print(describe_presets()); return
+        if a.command == "test": test_run(a.run, overrides); return
+        if a.command == "split":
+            if overrides: raise TGRError(f"`tgr split` takes no field=value items, got {overrides}")
+            plan = split_folder(a.src, a.dst, a.val, a.test, a.seed)
+            print("\n".join(f"{k:5s} {len(v):4d} classes, e.g. {', '.join(v[:3])}" for k, v in plan.items()))
+            print(f"written: {a.dst} (links); use it as benchmark={a.dst}"); return
         if a.resume and a.overwrite: raise TGRError("--resume and --overwrite exclude each other: pick one")
         cfg = resolve_config(a.preset, overrides, a.method)
         run(cfg, a.out, resume=a.resume, overwrite=a.overwrite, method=a.method,
@@ -223,4 +314,3 @@ def main(argv: list[str] | None = None):
     except KeyboardInterrupt:
         print("\ntgr: interrupted; the last checkpoint is kept: rerun the same command with --resume", file=sys.stderr)
         sys.exit(130)
-

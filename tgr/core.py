@@ -95,6 +95,10 @@ def config_hash(cfg: Any, n: int = 12) -> str:
 # %% ../nbs/00_core.ipynb
 _MAGIC = b"TGRART01"
 
+def _umask() -> int:
+    "The process umask (read by setting and restoring it: POSIX has no read-only call)."
+    m = os.umask(0o22); os.umask(m); return m
+
 def _atomic_write_bytes(data: bytes, path: Path) -> Path:
     path = Path(path)
     try: path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,6 +107,7 @@ def _atomic_write_bytes(data: bytes, path: Path) -> Path:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         raise TGRError(f"cannot write in {path.parent}: {e.strerror}; choose a writable output directory") from e
+    os.chmod(tmp, 0o666 & ~_umask())           # mkstemp makes 0600; give the permissions `open` would
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data); f.flush(); os.fsync(f.fileno())
@@ -118,11 +123,17 @@ def save_artifact(obj: Any, path: str | Path) -> Path:
     buf = io.BytesIO(); torch.save(obj, buf); payload = buf.getvalue()
     return _atomic_write_bytes(_MAGIC + hashlib.sha256(payload).digest() + payload, Path(path))
 
+def _read_bytes(path: Path) -> bytes:
+    try: return path.read_bytes()
+    except PermissionError as e:
+        raise TGRError(f"{path} is not readable by this user ({e.strerror}); ask its owner to make it readable "
+                       "(chmod a+r) or point TGR_CACHE / --out at a folder of your own") from None
+
 def load_artifact(path: str | Path, map_location: str | torch.device = "cpu", weights_only: bool = True) -> Any:
     "Read a file written by `save_artifact`, refusing truncated or corrupt files."
     path = Path(path)
     if not path.is_file(): raise ArtifactError(f"artifact {path} does not exist")
-    data = path.read_bytes()
+    data = _read_bytes(path)
     fix = "delete it and rerun: the stage that made it will rebuild it"
     if len(data) < 40 or data[:8] != _MAGIC:
         raise ArtifactError(f"{path} is not a tgr artifact or is truncated ({len(data)} bytes); {fix}")
@@ -135,7 +146,7 @@ def is_valid_artifact(path: str | Path) -> bool:
     "True when `path` exists and passes the checks of `load_artifact` (without unpickling)."
     path = Path(path)
     if not path.is_file(): return False
-    data = path.read_bytes()
+    data = _read_bytes(path)
     return len(data) >= 40 and data[:8] == _MAGIC and hashlib.sha256(data[40:]).digest() == data[8:40]
 
 def save_json(obj: Any, path: str | Path) -> Path:
@@ -145,13 +156,13 @@ def save_json(obj: Any, path: str | Path) -> Path:
 def load_json(path: str | Path) -> Any:
     "Read JSON, with an error naming the file when it is missing or malformed."
     path = Path(path)
-    try: return json.loads(path.read_text())
+    try: return json.loads(_read_bytes(path))
     except FileNotFoundError as e: raise ArtifactError(f"{path} does not exist") from e
     except json.JSONDecodeError as e: raise ArtifactError(f"{path} is not valid JSON ({e}); delete or repair it") from e
 
 # %% ../nbs/00_core.ipynb
-def prepare_run_dir(path: str | Path, config: Any, resume: bool = False, overwrite: bool = False) -> Path:
-    "Create or reopen a run directory for `config`; refuse to mix two configs in one folder."
+def prepare_run_dir(path: str | Path, config: Any, resume: bool = False, overwrite: bool = False, create: bool = True) -> Path:
+    "Create (or with `create=False` only check) a run directory for `config`, or reopen one; refuse to mix two configs in one folder."
     path = Path(path)
     cfg_file = path / "config.json"
     if cfg_file.exists():
@@ -166,6 +177,7 @@ def prepare_run_dir(path: str | Path, config: Any, resume: bool = False, overwri
                            "or --overwrite to start again")
     elif resume:
         raise TGRError(f"--resume was given but {path} holds no run (no config.json); drop --resume to start one")
+    if not create: return path
     try: path.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise TGRError(f"cannot create run directory {path}: {e.strerror}; choose a writable --out") from e
     if not os.access(path, os.W_OK): raise TGRError(f"run directory {path} is not writable; choose another --out")
@@ -189,7 +201,12 @@ def cache_dir(sub: str = "") -> Path:
     "The user cache folder for tgr: `$TGR_CACHE`, else `$XDG_CACHE_HOME/tgr`, else `~/.cache/tgr`."
     root = os.environ.get("TGR_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home()/".cache"))/"tgr"
     p = Path(root)/sub
-    p.mkdir(parents=True, exist_ok=True)
+    try: p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TGRError(f"cannot use {p} as tgr's cache folder ({e.strerror}); set TGR_CACHE to a writable folder") from None
+    if not os.access(p, os.R_OK | os.W_OK | os.X_OK):
+        raise TGRError(f"tgr's cache folder {p} is not readable and writable by this user; "
+                       "set TGR_CACHE to a folder of your own") from None
     return p
 
 def git_commit(path: str | Path | None = None) -> str | None:

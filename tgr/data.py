@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .core import TGRError, cache_dir, make_generator, make_rng, save_artifact, load_artifact, is_valid_artifact
+from .core import TGRError, cache_dir, config_hash, load_json, make_generator, make_rng, save_artifact, save_json, load_artifact, is_valid_artifact
 
 # %% auto 0
 __all__ = ['IMG_EXTS', 'GLYPH_VERSION', 'GLYPH_FONTS', 'GLYPH_DOMAINS', 'GLYPH_STROKES', 'GLYPH_SHA256', 'CIFAR_LAYOUT',
            'MINI_LAYOUT', 'CUB_LAYOUT', 'FOLDER_LAYOUT', 'BENCHMARKS', 'DEFAULT_IMG_SIZE', 'SPLITS', 'FewShotDataset',
            'EpisodeSampler', 'fingerprint', 'glyph_classes', 'render_glyph_masks', 'write_glyph_masks', 'glyph_masks',
-           'render_glyphs', 'GlyphSpec', 'build_glyphs', 'glyph_checksum', 'glyph_data', 'split_lists', 'union',
-           'load_benchmark', 'benchmark_checksum', 'to_memory']
+           'render_glyphs', 'GlyphSpec', 'build_glyphs', 'glyph_checksum', 'glyph_data', 'split_lists', 'check_images',
+           'union', 'load_benchmark', 'benchmark_checksum', 'to_memory', 'split_folder']
 
 # %% ../nbs/01_data.ipynb
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -453,6 +453,37 @@ CUB-200-2011 comes from https://www.vision.caltech.edu/datasets/cub_200_2011/ (C
 def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMG_EXTS and p.is_file())
 
+_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I;16")   # what converts to RGB losslessly enough
+
+def _decode(f: str) -> tuple:
+    try:
+        with Image.open(f) as im: im.load(); return im.size, im.mode
+    except PermissionError as e: raise TGRError(f"image {f} is not readable by this user ({e.strerror})") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise TGRError(f"image {f} cannot be decoded ({e}); delete or replace it") from None
+
+def check_images(files: Sequence[str], img_size: int | None = None) -> int:
+    """Decode every file once (the verdict is cached per file list, sizes and mtimes): each must be an image of a mode
+    that converts to RGB, and all must have one square size unless `img_size` asks to resize them. Returns the size."""
+    stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    mark = cache_dir("checked-images")/f"{config_hash([stats, img_size], n=24)}.json"
+    if mark.exists(): return int(load_json(mark)["img_size"])
+    sizes: dict = {}
+    for f in files:
+        size, mode = _decode(f)
+        if mode not in _MODES: raise TGRError(f"image {f} has mode {mode!r}, which tgr does not convert to RGB; save it as RGB")
+        sizes.setdefault(size, f)
+    if img_size is None:
+        if len(sizes) > 1:
+            (a, fa), (b, fb) = list(sizes.items())[:2]
+            raise TGRError(f"images differ in size: {fa} is {a[0]}x{a[1]}, {fb} is {b[0]}x{b[1]} ({len(sizes)} sizes in all); "
+                           "resize them yourself, or pass img_size=N to resize every image to N x N")
+        (w, h), f0 = next(iter(sizes.items()))
+        if w != h: raise TGRError(f"images are {w}x{h} (e.g. {f0}), not square; pass img_size=N to resize them to N x N")
+        img_size = w
+    save_json({"img_size": img_size, "files": len(files)}, mark)
+    return int(img_size)
+
 def _load_cub(split: str, root=None, download: bool = False, img_size: int | None = None) -> FewShotDataset:
     if download: raise TGRError(f"CUB is not downloaded automatically; unpack it under `root` as:\n{CUB_LAYOUT}")
     root = _need_root(root, "CUB", CUB_LAYOUT)
@@ -473,23 +504,36 @@ def _load_cub(split: str, root=None, download: bool = False, img_size: int | Non
 FOLDER_LAYOUT = """  ROOT/train/<class name>/<image files>
   ROOT/val/<class name>/<image files>
   ROOT/test/<class name>/<image files>
-(class folders of different splits must differ; image files: {exts})"""
+or, with domains, ROOT/<split>/<domain>/<class name>/<image files>
+(class folders of different splits must differ; image files: {exts}; `tgr split SRC ROOT` makes this layout)"""
+
+def _folder_classes(split_dir: Path, default_domain: str) -> list[tuple[str, str, Path]]:
+    "(class name, domain, folder) for each class of a split: class folders, or domain folders that hold class folders."
+    out = []
+    for p in sorted(q for q in split_dir.iterdir() if q.is_dir()):
+        subs = sorted(q for q in p.iterdir() if q.is_dir())
+        if subs and not _list_images(p): out += [(f"{p.name}/{q.name}", p.name, q) for q in subs]   # a domain folder
+        else: out.append((p.name, default_domain, p))
+    return out
 
 def _load_folder(root, split: str, img_size: int | None = None, domain: str | None = None) -> FewShotDataset:
     root = Path(root).expanduser()
     layout = FOLDER_LAYOUT.format(exts=", ".join(IMG_EXTS))
     if not (root/split).is_dir(): raise TGRError(f"folder benchmark {root}: no {split!r} folder. Expected layout:\n{layout}")
-    classes = sorted(p.name for p in (root/split).iterdir() if p.is_dir())
-    if not classes: raise TGRError(f"folder benchmark {root/split} holds no class folders. Expected layout:\n{layout}")
+    found = _folder_classes(root/split, domain or root.name)
+    if not found: raise TGRError(f"folder benchmark {root/split} holds no class folders. Expected layout:\n{layout}")
+    for other in SPLITS:
+        if other != split and (root/other).is_dir():
+            shared = sorted({c for c, _, _ in found} & {c for c, _, _ in _folder_classes(root/other, "")})
+            if shared: warnings.warn(f"{root}: classes {shared[:3]}{' ...' if len(shared) > 3 else ''} are in both {split!r} and "
+                                     f"{other!r}: test classes must be new to meta-training; split the folder with `tgr split`")
     files, labels = [], []
-    for k, c in enumerate(classes):
-        fs = _list_images(root/split/c)
-        if not fs: raise TGRError(f"class folder {root/split/c} holds no images ({', '.join(IMG_EXTS)})")
+    for k, (c, _, folder) in enumerate(found):
+        fs = _list_images(folder)
+        if not fs: raise TGRError(f"class folder {folder} holds no images ({', '.join(IMG_EXTS)})")
         files += [str(p) for p in fs]; labels += [k] * len(fs)
-    if img_size is None:
-        with Image.open(files[0]) as im: img_size = im.size[0]
-    return FewShotDataset(labels, classes, [domain or root.name] * len(classes), files=files, img_size=img_size,
-                          name=str(root), split=split)
+    return FewShotDataset(labels, [c for c, _, _ in found], [d for _, d, _ in found], files=files,
+                          img_size=check_images(files, img_size), name=str(root), split=split)
 
 # %% ../nbs/01_data.ipynb
 def _load_glyphs(split: str, root=None, download: bool = False, img_size: int | None = None, domains=GLYPH_DOMAINS,
@@ -564,3 +608,28 @@ def to_memory(ds: FewShotDataset) -> FewShotDataset:
     if ds.images is not None: return ds
     return FewShotDataset(ds.labels, ds.classes, ds.domain, images=ds.get_uint8(torch.arange(len(ds))), name=ds.name, split=ds.split)
 FewShotDataset.to_memory = to_memory
+
+# %% ../nbs/01_data.ipynb
+def split_folder(src: str | Path, dst: str | Path, val: float = 0.16, test: float = 0.2, seed: int = 0) -> dict:
+    """Link a folder of class folders (or of domain folders of class folders) into `dst/{train,val,test}/...` by class,
+    `val` and `test` fractions per domain; returns {split: [class names]}."""
+    src, dst = Path(src).expanduser().resolve(), Path(dst).expanduser()
+    if not src.is_dir(): raise TGRError(f"{src} is not a folder; give a folder of class folders (or of domain folders)")
+    if not (0 < val < 1 and 0 < test < 1 and val + test < 1): raise TGRError(f"val={val} and test={test}: each in (0, 1), their sum < 1")
+    if dst.exists() and any(dst.iterdir()): raise TGRError(f"{dst} is not empty; give a new folder")
+    found = _folder_classes(src, "")
+    if not found: raise TGRError(f"{src} holds no class folders (expected SRC/<class>/<images> or SRC/<domain>/<class>/<images>)")
+    plan = {s: [] for s in SPLITS}
+    for dom in sorted({d for _, d, _ in found}):
+        cls = [x for x in found if x[1] == dom]
+        if len(cls) < 3: raise TGRError(f"domain {dom or src.name!r} has {len(cls)} class(es); each split needs one: give at least 3")
+        order = [cls[i] for i in make_rng(seed, len(cls)).permutation(len(cls))]
+        n_test, n_val = max(1, round(test * len(cls))), max(1, round(val * len(cls)))
+        plan["test"] += order[:n_test]; plan["val"] += order[n_test:n_test + n_val]; plan["train"] += order[n_test + n_val:]
+    for split, items in plan.items():
+        for name, _, folder in items:
+            fs = _list_images(folder)
+            if not fs: raise TGRError(f"class folder {folder} holds no images ({', '.join(IMG_EXTS)})")
+            (dst/split/name).mkdir(parents=True, exist_ok=True)
+            for f in fs: (dst/split/name/f.name).symlink_to(f)
+    return {s: sorted(c for c, _, _ in items) for s, items in plan.items()}

@@ -326,7 +326,7 @@ def save_gradient_curves(summary: dict, runs_dir=None, results_dir=None, variant
 def class_cover_rate(cfg: RunConfig) -> float:
     """Fig. 6's cover rate: the fraction of the meta-training classes that at least one model of the pool of `cfg`
     was trained on. Reads the cached pool (training the members that are missing)."""
-    ds = load_benchmark(cfg.benchmark, "train", root=cfg.root)
+    ds = cfg.data("train")
     pool = build_pool(cfg.pool_config(), dataset=ds, show_progress=False)
     return len({c for m in pool for c in m.classes}) / ds.n_classes
 
@@ -347,7 +347,7 @@ def _gain_setup(seeds: Sequence[int], n_aux: int, base: str, extra: dict | None)
     if n_aux < 1: raise TGRError(f"n_aux must be at least 1, got {n_aux}")
     kw = {"benchmark": "glyphs-latin", "grouping": "none", "alignment": "erm", "replay": False, "baselines": (), **(extra or {})}
     cfg0 = replace(resolve_config(base), **kw).check()
-    return cfg0, load_benchmark(cfg0.benchmark, "train", root=cfg0.root)
+    return cfg0, cfg0.data("train")
 
 def _gain_pool(cfg0: RunConfig, ds, seed: int, overlaps, archs, n_aux: int):
     "One seed's design, its trained members and their recovered tasks (all cached, so Fig. 2 and Fig. 4 share them)."
@@ -402,7 +402,7 @@ def _gain_job(args):
     st = Stages(Pool(members), tasks, [list(range(len(members)))], None, inversion_settings(cfg))
     # a killed run continues from its last checkpoint (or restarts at epoch 1 if it wrote none)
     tr = meta_train(cfg, out, resume=(out/"config.json").exists(), show_progress=False, stages=st)
-    rows = score_rows(tr.model, load_benchmark(cfg.benchmark, "test", root=cfg.root), cfg, show_progress=False)
+    rows = score_rows(tr.model, cfg.data("test"), cfg, show_progress=False)
     r = {"methods": rows, "seconds": round(time.perf_counter() - t0, 1), "git_commit": git_commit(), "pool": pool_fingerprint(members)}
     save_json(r, res)
     return r

@@ -59,9 +59,9 @@ def diag_fim(model: nn.Module, x: Tensor, y: Tensor, params: Sequence[str] | Non
     names = _param_names(model, params)
     y, weights = _check_xy(x, y, weights)
     if len(x) == 0: raise TGRError("x is empty: the Fisher needs at least one sample")
-    dev = next(model.parameters()).device
-    x, y = x.to(dev), y.to(dev)
-    w = (torch.full((len(x),), 1.0 / len(x)) if weights is None else weights).to(dev)
+    ref = next(model.parameters()); dev = ref.device
+    x, y = x.to(dev, ref.dtype), y.to(dev)           # the model's dtype (a float64 model works, as in the proof checks)
+    w = (torch.full((len(x),), 1.0 / len(x)) if weights is None else weights).to(dev, ref.dtype)
     with eval_frozen(model):
         named = {n: p.detach() for n, p in model.named_parameters()}
         fixed = {n: p for n, p in named.items() if n not in names}

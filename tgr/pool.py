@@ -170,7 +170,7 @@ def _dist_env(rank, world_size) -> tuple[int, int]:
 
 def pool_dir(cfg: PoolConfig, out_dir: str | Path | None = None, dataset: FewShotDataset | None = None) -> Path:
     "Where the pool for `cfg` lives: `<out_dir or cache>/pool-<hash of config and train data fingerprint>`."
-    ds = dataset if dataset is not None else load_benchmark(cfg.benchmark, "train", root=cfg.root)
+    ds = dataset if dataset is not None else load_benchmark(cfg.benchmark, "train", root=cfg.root, img_size=cfg.img_size)
     return Path(out_dir or cache_dir("pools"))/f"pool-{config_hash({'config': cfg, 'data': ds.fingerprint()})}"
 
 def build_pool(cfg: PoolConfig = PoolConfig(), out_dir: str | Path | None = None, dataset: FewShotDataset | None = None,
@@ -179,7 +179,7 @@ def build_pool(cfg: PoolConfig = PoolConfig(), out_dir: str | Path | None = None
     return the pool read back from disk (complete when every shard has finished)."""
     if isinstance(cfg.archs, str): cfg = PoolConfig(**{**asdict(cfg), "archs": (cfg.archs,)})
     cfg.check()
-    ds = dataset if dataset is not None else load_benchmark(cfg.benchmark, "train", root=cfg.root)
+    ds = dataset if dataset is not None else load_benchmark(cfg.benchmark, "train", root=cfg.root, img_size=cfg.img_size)
     if ds.split not in ("train", ""):
         raise TGRError(f"the pool is trained on meta-train classes only, but a {ds.split!r} split was given")
     cfg.check(ds)

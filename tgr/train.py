@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import (TGRError, ArtifactError, Timer, append_jsonl, config_hash, get_device, git_commit, load_artifact,
+from .core import (TGRError, ArtifactError, Timer, append_jsonl, config_hash, get_device, git_commit, load_artifact, load_json,
                       is_valid_artifact, make_generator, make_rng, peak_memory_mb, prepare_run_dir, progress, read_jsonl, rng_state,
                       save_artifact, save_json, seed_everything, set_rng_state, to_jsonable)
 from .data import load_benchmark, FewShotDataset
@@ -32,7 +32,8 @@ from .evaluate import TEST_HEADS, head_rule, meta_test
 
 # %% auto 0
 __all__ = ['ALIGNMENTS', 'GROUPINGS', 'GROUP_METHODS', 'RECOVERIES', 'MetaTrainConfig', 'kd_loss', 'Stages', 'augment_mode',
-           'inversion_settings', 'real_task', 'prepare_stages', 'TrainResult', 'meta_train']
+           'inversion_settings', 'real_task', 'prepare_stages', 'TrainResult', 'meta_train', 'config_from_json',
+           'load_meta_model']
 
 # %% ../nbs/09_train.ipynb
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class MetaTrainConfig:
     # data and pool (notebooks 01, 03)
     benchmark: str = "glyphs"
     root: str | None = None
+    img_size: int | None = None     # None: the benchmark's own (a folder's images must then share one size); N: resize to N x N
     seed: int = 0
     device: str = "auto"
     n_models: int = 100
@@ -108,7 +110,11 @@ class MetaTrainConfig:
         "The part of the config that defines the pool."
         return PoolConfig(benchmark=self.benchmark, root=self.root, n_models=self.n_models, way=self.way,
                           archs=tuple(self.archs), class_sampling=self.class_sampling, epochs=self.pool_epochs,
-                          lr=self.pool_lr, batch_size=self.pool_batch_size, seed=self.seed)
+                          lr=self.pool_lr, batch_size=self.pool_batch_size, seed=self.seed, img_size=self.img_size)
+
+    def data(self, split: str) -> FewShotDataset:
+        "One split ('train', 'val' or 'test') of the run's benchmark, with its `root` and `img_size`."
+        return load_benchmark(self.benchmark, split, root=self.root, img_size=self.img_size)
 
     def check(self) -> "MetaTrainConfig":
         "Raise `TGRError` for values that cannot work, naming the allowed ones."
@@ -129,7 +135,12 @@ class MetaTrainConfig:
         if self.replay and self.replay_shot + self.replay_query > self.inv_per_class:
             raise TGRError(f"replay needs replay_shot + replay_query = {self.replay_shot + self.replay_query} images per class, "
                            f"but recovered tasks have inv_per_class={self.inv_per_class}; raise inv_per_class or lower replay_shot/replay_query")
-        if self.beta < 0 or self.meta_lr <= 0 or self.inner_lr <= 0: raise TGRError("beta must be >= 0 and learning rates > 0")
+        for k in ("beta", "kd_temperature", "meta_lr", "inner_lr", "inv_lr", "five_inner_lr", "five_outer_lr", "bell_inner_lr"):
+            v = getattr(self, k); low = 0 if k == "beta" else None        # beta may be 0 (IGR off); the rest must be > 0
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (v < 0 if low == 0 else v <= 0):
+                raise TGRError(f"{k} must be a finite number {'>= 0' if low == 0 else '> 0'}, got {v!r}")
+        if self.img_size is not None and (isinstance(self.img_size, bool) or not isinstance(self.img_size, int) or self.img_size < 16):
+            raise TGRError(f"img_size must be None (the benchmark's own size) or an integer >= 16, got {self.img_size!r}")
         if not self.shots or any(int(s) < 1 for s in self.shots): raise TGRError(f"shots must be positive, got {self.shots}")
         return self
 
@@ -197,7 +208,7 @@ def prepare_stages(cfg: MetaTrainConfig, device=None, timer: Timer | None = None
     need_tasks = not (cfg.recovery == "meta-generator" and cfg.grouping == "none")
     with timer("recover"):
         if cfg.recovery == "real":
-            train = load_benchmark(cfg.benchmark, "train", root=cfg.root)
+            train = cfg.data("train")
             tasks = [real_task(m, train, cfg.inv_per_class, cfg.seed) for m in pool]
         else: tasks = recover_pool_tasks(pool, inv, device=device, show_progress=show_progress) if need_tasks else None
     grouping = None
@@ -256,15 +267,15 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, resume: bool = False, over
         save_json({"config": cfg, "git_commit": git_commit()}, out/"config.json")
     elif not resume and overwrite:
         prepare_run_dir(out, cfg, overwrite=True)
-        for f in (ckpt_path, metrics_path): f.unlink(missing_ok=True)
+        for f in (ckpt_path, metrics_path, out/"results.json"): f.unlink(missing_ok=True)   # nothing of the old run survives
         save_json({"config": cfg, "git_commit": git_commit()}, out/"config.json")
     else: prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite)
     timer = Timer()
     st = stages or prepare_stages(cfg, device, timer, show_progress)
     seed_everything(cfg.seed)       # again: cached stages consume no randomness, fresh ones do; the loop must not care
     pool, teacher = st.pool, _teacher_cache(st.pool, device)
-    val = load_benchmark(cfg.benchmark, "val", root=cfg.root)
-    train = load_benchmark(cfg.benchmark, "train", root=cfg.root) if cfg.recovery == "real" else None
+    val = cfg.data("val")
+    train = cfg.data("train") if cfg.recovery == "real" else None
     def validate():                 # the evaluation rule of the test, on the validation classes
         return meta_test(head_rule(model, cfg.way, cfg.test_head), val, cfg.way, cfg.val_shot, query=cfg.query,
                          n_tasks=cfg.n_val_tasks, inner_steps=cfg.test_inner_steps, inner_lr=cfg.inner_lr, seed=cfg.seed,
@@ -351,7 +362,7 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, resume: bool = False, over
                                            f"{ckpt_path if ckpt_path.exists() else 'not written yet'}: lower meta_lr or inner_lr and --resume")
                         opt.zero_grad(set_to_none=True); out_m.loss.backward(); opt.step()
                         r_loss.append(out_m.loss.item()); r_acc.append(float(out_m.query_acc.mean()))
-                    rec.update(replay_loss=sum(r_loss) / len(r_loss), replay_acc=sum(r_acc) / len(r_acc))
+                    rec.update(replay_loss=sum(r_loss) / len(r_loss), replay_acc=100 * sum(r_acc) / len(r_acc))   # %, as val_acc
                 else: rec["replay_skipped"] = f"bank holds fewer than {cfg.way} classes with {need} images"
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             with timer("validate"): r = validate()
@@ -364,8 +375,34 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, resume: bool = False, over
         if epoch % cfg.ckpt_every == 0 or epoch == cfg.epochs:
             with timer("checkpoint"):
                 state = _state(model, opt, bank, rng, gen, best, epoch, n_lines, timer.seconds)
+                state["model_spec"] = model.config          # what `load_meta_model` rebuilds
                 if mg is not None: state["meta_generator"] = mg.state_dict()
                 save_artifact(state, ckpt_path)
         if _stop_after is not None and epoch >= _stop_after: break
     model.load_state_dict(best["state"])
     return TrainResult(model, best["acc"], best["epoch"], epoch, st, dict(timer.seconds), out, peak_memory_mb(), best.get("init_acc"))
+
+# %% ../nbs/09_train.ipynb
+def config_from_json(d: dict) -> MetaTrainConfig:
+    "A `MetaTrainConfig` from its JSON form (lists back to tuples); unknown fields are an error, missing ones take defaults."
+    known = {f.name: f for f in fields(MetaTrainConfig)}
+    bad = sorted(set(d) - set(known))
+    if bad: raise TGRError(f"config fields {bad} are unknown to this version of tgr; was the run made by another version?")
+    return MetaTrainConfig(**{k: tuple(v) if isinstance(known[k].default, tuple) and isinstance(v, list) else v for k, v in d.items()})
+
+def load_meta_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """The selected meta-model of a run in `run_dir` (finished or interrupted), in eval mode, and what it is:
+    {'epoch': selected epoch (0 = the initial weights), 'val_acc', 'init_val_acc', 'epochs_run', 'finished', 'config'}."""
+    run_dir = Path(run_dir)
+    if not (run_dir/"config.json").is_file():
+        raise TGRError(f"{run_dir} holds no tgr run (no config.json); give the folder `tgr run` wrote (runs/<hash> or its --out)")
+    cfg = config_from_json(load_json(run_dir/"config.json")["config"])
+    if not (run_dir/"checkpoint.pt").is_file():
+        raise TGRError(f"{run_dir} has no checkpoint yet (the first is written at epoch {cfg.ckpt_every}); "
+                       "continue the run with the same command and --resume")
+    ck = load_artifact(run_dir/"checkpoint.pt", weights_only=False)
+    spec = ck.get("model_spec") or {"arch": cfg.meta_arch, "n_classes": cfg.way, "img_size": cfg.data("val").img_size}
+    model = build_model(**spec); model.load_state_dict(ck["best"]["state"])
+    info = {"epoch": ck["best"]["epoch"], "val_acc": ck["best"]["acc"], "init_val_acc": ck["best"].get("init_acc"),
+            "epochs_run": ck["epoch"], "finished": ck["epoch"] >= cfg.epochs, "model_spec": spec, "config": cfg}
+    return model.to(get_device(device)).eval(), info
