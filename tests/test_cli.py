@@ -79,6 +79,11 @@ def test_help_explains_presets_and_fields(capsys):
     assert "field=value" in out and "--resume" in out
     code, out, _ = _tgr(capsys, "presets")
     assert code == 0 and "inv_steps=" in out and "smoke" in out
+    assert 'replay_source="within"' in out.split("quick", 1)[1].split("paper-cifar-fs")[0]   # what each preset sets
+    code, top, _ = _tgr(capsys, "--help")
+    assert code == 0 and top != _tgr(capsys, "run", "--help")[1] and "tgr test" in top and "tgr split" in top
+    code, out, _ = _tgr(capsys, "--version")
+    assert code == 0 and out.startswith("tgr ")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -270,8 +270,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="{run,test,split,presets}")
     r = sub.add_parser("run", help="meta-train and test (the main job)", description=_RUN_HELP, formatter_class=fmt,
                        usage="tgr run [--preset NAME] [--method tgr|free] [--out DIR] [--resume | --overwrite] [field=value ...]")
-    r.add_argument("--preset", default="quick", choices=list(PRESETS), metavar="NAME", help="named config (default: quick)")
-    r.add_argument("--method", default="tgr", choices=list(METHODS), help="tgr (default) or free")
+    r.add_argument("--preset", default="quick", metavar="NAME", help=f"named config: {', '.join(PRESETS)} (default: quick)")
+    r.add_argument("--method", default="tgr", metavar="NAME", help=f"{' or '.join(METHODS)} (default: tgr)")
     r.add_argument("--out", metavar="DIR", help="run directory (default: runs/<config hash>)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (same config)")
     r.add_argument("--overwrite", action="store_true", help="replace a run in --out that has another config")
