@@ -15,7 +15,7 @@ from torch import nn, Tensor
 
 from .core import TGRError, make_generator, get_device, progress, peak_memory_mb
 from .models import Generator, build_model
-from .inversion import RecoveredTask, BNStatHooks, bn_layers, eval_frozen, generator_forward
+from .inversion import AUGMENTATIONS, RecoveredTask, BNStatHooks, bn_layers, eval_frozen, generator_forward, random_augment
 from .replay import MetaForward
 
 # %% auto 0
@@ -94,7 +94,9 @@ class FiveConfig:
     kl_weight: float = 1.0           # weight of Eq. 1's adversarial term (only with a student)
     student_bn: str = "batch"        # the student's BN in Eq. 1: 'batch' statistics (as in training) or 'running'
     fused: bool = True               # notebook 04's cheaper generator forward (same function)
+    augment: str = "none"            # what teacher and student see at each step (notebook 04's `random_augment`); kept images are not augmented
     def __post_init__(self):
+        if self.augment not in AUGMENTATIONS: raise TGRError(f"unknown augmentation {self.augment!r}; choose one of {AUGMENTATIONS}")
         for n in ("k", "z_dim", "ngf"): _pos_int(n, getattr(self, n))
         for n in ("inner_lr", "outer_lr"): _number(n, getattr(self, n), 0, True)
         for n in ("bn_weight", "kl_weight"): _number(n, getattr(self, n), 0, False)
@@ -282,14 +284,16 @@ def _five_batch(mg: MetaGenerator, teachers, n_classes, per_class, k, student, s
         y = torch.arange(n, device=mg.device).repeat_interleave(per_class)
         opt = OPTIMIZERS[cfg.inner_optimizer]([*fast.parameters(), z], cfg.inner_lr)
         losses = {"total": [], "ce": [], "kl": [], "bn": [], "agree": []}; step_s = []
+        g_aug = make_generator(seed, keys[i], 13)             # the augmentation draws `recover_task` makes for this member
         with eval_frozen(teacher), (BNStatHooks(teacher) if use_bn else nullcontext()) as hooks, \
              (STUDENT_BN[cfg.student_bn](student) if student is not None else nullcontext()) as f_student:
             for step in range(k + 1):
                 ts, last = time.perf_counter(), step == k
                 with torch.set_grad_enabled(not last or update):
                     x = generator_forward(fast, z, cfg.fused)                             # line 6 at step k
-                    logits = _teacher_logits(i, teacher, x, n)
-                    L = generator_loss(logits, y, None if f_student is None else f_student(x),
+                    xa = random_augment(x, cfg.augment, g_aug)                            # x itself when augment='none'
+                    logits = _teacher_logits(i, teacher, xa, n)
+                    L = generator_loss(logits, y, None if f_student is None else f_student(xa),
                                        hooks.pop() if use_bn else None, kl_weight=cfg.kl_weight, bn_weight=cfg.bn_weight)
                     if use_bn: hooks.terms.clear()
                 v = L.values()
@@ -305,7 +309,7 @@ def _five_batch(mg: MetaGenerator, teachers, n_classes, per_class, k, student, s
         settings = dict(method="five", n_classes=n, per_class=per_class, k=k, img_size=mg.img_size, in_ch=mg.in_ch,
                         z_dim=cfg.z_dim, ngf=cfg.ngf, inner_optimizer=cfg.inner_optimizer, inner_lr=cfg.inner_lr,
                         use_bn=use_bn, bn_weight=cfg.bn_weight, kl_weight=cfg.kl_weight, student=student is not None,
-                        student_bn=cfg.student_bn, seed=seed, fused=cfg.fused, meta_updates=mg.n_updates,
+                        student_bn=cfg.student_bn, seed=seed, fused=cfg.fused, augment=cfg.augment, meta_updates=mg.n_updates,
                         meta_seed=mg.seed, bn_layers=n_bn)
         tasks.append(RecoveredTask(x.detach().contiguous().cpu(), y.cpu(), idx[i], None if cls[i] is None else
                                    [int(c) for c in cls[i]], losses, k, time.perf_counter() - t0, step_s, settings))

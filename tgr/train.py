@@ -285,7 +285,8 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, resume: bool = False, over
     opt = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)
     bank = MemoryBank(cfg.bank_size)
     mg = (MetaGenerator(img, in_ch, k=cfg.five_k, inner_lr=cfg.five_inner_lr, outer_lr=cfg.five_outer_lr, ngf=cfg.inv_ngf,
-                        use_bn=cfg.inv_bn, seed=cfg.seed, device=device) if cfg.recovery == "meta-generator" else None)
+                        use_bn=cfg.inv_bn, augment=augment_mode(cfg), seed=cfg.seed, device=device)
+          if cfg.recovery == "meta-generator" else None)
     rng, gen = make_rng(cfg.seed, 1), torch.Generator().manual_seed(cfg.seed)
     best = {"acc": None, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
     start = 1
