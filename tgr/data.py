@@ -526,7 +526,7 @@ def _load_folder(root, split: str, img_size: int | None = None, domain: str | No
         if other != split and (root/other).is_dir():
             shared = sorted({c for c, _, _ in found} & {c for c, _, _ in _folder_classes(root/other, "")})
             if shared: warnings.warn(f"{root}: classes {shared[:3]}{' ...' if len(shared) > 3 else ''} are in both {split!r} and "
-                                     f"{other!r}: test classes must be new to meta-training; split the folder with `tgr split`")
+                                     f"{other!r}: validation and test classes must be new to meta-training; split the folder with `tgr split`")
     files, labels = [], []
     for k, (c, _, folder) in enumerate(found):
         fs = _list_images(folder)
