@@ -72,6 +72,23 @@ def _episodes_fingerprint(sampler: EpisodeSampler) -> str:
 def _channels_last(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
+def _in_place_learner(model: nn.Module) -> tuple[nn.Module, list[Tensor], list[Tensor]]:
+    """A copy of `model` that adapts in place, its parameters, and their starting values. Its BN layers normalise with batch
+    statistics (the policy of `MetaForward`) through PyTorch's fused kernel: exact for first-order steps, which never
+    differentiate through BN twice (notebook 08 shows that the fused kernel's double backward is not)."""
+    net = copy.deepcopy(model).eval().requires_grad_(True)
+    for mod in net.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.track_running_stats, mod.running_mean, mod.running_var, mod.num_batches_tracked = False, None, None, None
+    net = net.to(memory_format=torch.channels_last); ps = list(net.parameters())
+    return net, ps, [p.detach().clone() for p in ps]
+
+def _sgd_in_place(net: nn.Module, ps: list[Tensor], xs: Tensor, ys: Tensor, steps: int, lr: float) -> None:
+    "`steps` first-order SGD steps of size `lr` on the support cross-entropy, applied to `ps` (the parameters of `net`) in place."
+    for _ in range(steps):
+        with torch.enable_grad(): g = torch.autograd.grad(F.cross_entropy(net(xs), ys), ps)
+        with torch.no_grad(): torch._foreach_add_(ps, g, alpha=-lr)
+
 def meta_test(model: nn.Module, dataset: FewShotDataset, way: int, shot: int, query: int = 15, n_tasks: int = 600,
               inner_steps: int = 10, inner_lr: float = 0.01, seed: int = 0, device=None, vectorize: bool | None = None,
               task_batch: int = 8, eval_steps: Sequence[int] | None = None, show_progress: bool = True) -> MetaTestResult:
@@ -107,6 +124,14 @@ def meta_test(model: nn.Module, dataset: FewShotDataset, way: int, shot: int, qu
             out.append((f(p, xq).argmax(-1) == yq).sum())
         return torch.stack(out)
 
+    if not vec: net, ps, init = _in_place_learner(m)
+    def run_task_in_place(xs, ys, xq, yq):                                  # the same steps, on a module, SGD in place
+        torch._foreach_copy_(ps, init); done, out = 0, []
+        for s in steps:
+            _sgd_in_place(net, ps, xs, ys, s - done, inner_lr); done = s
+            out.append((net(xq).argmax(-1) == yq).sum())
+        return torch.stack(out)
+
     t0, rows = time.perf_counter(), []
     bar = progress(total=n_tasks, desc=f"meta-test {way}-way {shot}-shot", disable=not show_progress)
     with torch.no_grad():
@@ -116,7 +141,7 @@ def meta_test(model: nn.Module, dataset: FewShotDataset, way: int, shot: int, qu
                 xs, ys, xq, yq = (torch.stack(z).to(dev) for z in zip(*eps))
                 rows.append(vmap(run_task)(xs, ys, xq, yq).cpu())
             else:
-                rows.append(torch.stack([run_task(_channels_last(xs.to(dev)), ys.to(dev), _channels_last(xq.to(dev)), yq.to(dev))
+                rows.append(torch.stack([run_task_in_place(_channels_last(xs.to(dev)), ys.to(dev), _channels_last(xq.to(dev)), yq.to(dev))
                                          for xs, ys, xq, yq in eps]).cpu())
             bar.update(len(eps))
     bar.close()
