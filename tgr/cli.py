@@ -232,6 +232,7 @@ _HELP = """tgr: data-free meta-learning with task groupings regularization (TGR,
   tgr run [--preset NAME] [--method tgr|free] [--out DIR] [--resume | --overwrite] [field=value ...]
   tgr test --run DIR [field=value ...]      meta-test a trained meta-model again, e.g. on another benchmark
   tgr split SRC DST [--val F] [--test F] [--seed S]   link a folder of class folders into train/val/test
+  tgr bench [--threads N] [--out FILE]      time each unit of work (meta-test episode, replay, alignment, generator step)
   tgr presets                               every preset (and what it sets) and every config field with its default
 
 `tgr COMMAND --help` says more about each command."""
@@ -267,7 +268,7 @@ def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="tgr", description=_HELP, formatter_class=fmt)
     p.add_argument("--version", action="version", version=f"tgr {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{run,test,split,presets}")
+    sub = p.add_subparsers(dest="command", metavar="{run,test,split,bench,presets}")
     r = sub.add_parser("run", help="meta-train and test (the main job)", description=_RUN_HELP, formatter_class=fmt,
                        usage="tgr run [--preset NAME] [--method tgr|free] [--out DIR] [--resume | --overwrite] [field=value ...]")
     r.add_argument("--preset", default="quick", metavar="NAME", help=f"named config: {', '.join(PRESETS)} (default: quick)")
@@ -285,6 +286,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--val", type=float, default=0.16, metavar="F", help="fraction of each domain's classes for validation (0.16)")
     s.add_argument("--test", type=float, default=0.2, metavar="F", help="fraction of each domain's classes for test (0.2)")
     s.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the class shuffle (0)")
+    b = sub.add_parser("bench", help="time each unit of work", formatter_class=fmt, usage="tgr bench [--threads N] [--reps R] [--out FILE]",
+                       description="Time the units the pipeline repeats (notebook 13) beside plain PyTorch and this machine's attainable rate.")
+    b.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's choice)")
+    b.add_argument("--reps", type=int, default=7, metavar="R", help="timed repetitions per unit after a warm-up (7)")
+    b.add_argument("--out", metavar="FILE", help="write the record as JSON here (e.g. results/bench.json)")
     sub.add_parser("presets", help="list presets and config fields", description="Every preset, what it sets, and every field.")
     return p
 
@@ -300,6 +306,12 @@ def main(argv: list[str] | None = None):
             if overrides: raise TGRError(f"`tgr presets` takes no field=value items, got {overrides}")
             print(describe_presets()); return
         if a.command == "test": test_run(a.run, overrides); return
+        if a.command == "bench":
+            if overrides: raise TGRError(f"`tgr bench` takes no field=value items, got {overrides}")
+            from tgr.bench import bench, format_bench
+            print(format_bench(bench(a.threads, a.reps, a.out)))
+            if a.out: print(f"written: {a.out}")
+            return
         if a.command == "split":
             if overrides: raise TGRError(f"`tgr split` takes no field=value items, got {overrides}")
             plan = split_folder(a.src, a.dst, a.val, a.test, a.seed)
