@@ -5,6 +5,7 @@
 # %% ../nbs/10_evaluate.ipynb 3
 from __future__ import annotations
 import copy, hashlib, math, time
+from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 from dataclasses import dataclass, field, asdict
 from numbers import Integral, Real
@@ -124,26 +125,39 @@ def meta_test(model: nn.Module, dataset: FewShotDataset, way: int, shot: int, qu
             out.append((f(p, xq).argmax(-1) == yq).sum())
         return torch.stack(out)
 
-    if not vec: net, ps, init = _in_place_learner(m)
-    def run_task_in_place(xs, ys, xq, yq):                                  # the same steps, on a module, SGD in place
+    # the CPU loop runs `workers` episodes at a time, one per Python thread with one torch thread each: small episodes use two
+    # cores better this way than one episode on two torch threads; each thread adapts its own copy (results do not depend on it)
+    workers = min(torch.get_num_threads(), task_batch) if not vec and dev.type == "cpu" else 1
+    learners = [] if vec else [_in_place_learner(m) for _ in range(workers)]
+    def run_task_in_place(k, xs, ys, xq, yq):                               # the same steps, on learner k, SGD in place
+        net, ps, init = learners[k]
         torch._foreach_copy_(ps, init); done, out = 0, []
         for s in steps:
             _sgd_in_place(net, ps, xs, ys, s - done, inner_lr); done = s
             out.append((net(xq).argmax(-1) == yq).sum())
         return torch.stack(out)
+    def run_share(k, eps):                                                  # thread k's share of a chunk: episodes k, k + workers, ...
+        with torch.no_grad():
+            return [run_task_in_place(k, _channels_last(xs.to(dev)), ys.to(dev), _channels_last(xq.to(dev)), yq.to(dev))
+                    for xs, ys, xq, yq in eps[k::workers]]
 
-    t0, rows = time.perf_counter(), []
+    t0, rows, threads_before = time.perf_counter(), [], torch.get_num_threads()
     bar = progress(total=n_tasks, desc=f"meta-test {way}-way {shot}-shot", disable=not show_progress)
-    with torch.no_grad():
-        for start in range(0, n_tasks, task_batch):
-            eps = [sampler.episode(i) for i in range(start, min(start + task_batch, n_tasks))]
-            if vec:
-                xs, ys, xq, yq = (torch.stack(z).to(dev) for z in zip(*eps))
-                rows.append(vmap(run_task)(xs, ys, xq, yq).cpu())
-            else:
-                rows.append(torch.stack([run_task_in_place(_channels_last(xs.to(dev)), ys.to(dev), _channels_last(xq.to(dev)), yq.to(dev))
-                                         for xs, ys, xq, yq in eps]).cpu())
-            bar.update(len(eps))
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        if pool is not None: torch.set_num_threads(1)
+        with torch.no_grad():
+            for start in range(0, n_tasks, task_batch):
+                eps = [sampler.episode(i) for i in range(start, min(start + task_batch, n_tasks))]
+                if vec:
+                    xs, ys, xq, yq = (torch.stack(z).to(dev) for z in zip(*eps))
+                    rows.append(vmap(run_task)(xs, ys, xq, yq).cpu())
+                else:
+                    shares = list(pool.map(lambda k: run_share(k, eps), range(workers))) if pool else [run_share(0, eps)]
+                    rows.append(torch.stack([shares[j % workers][j // workers] for j in range(len(eps))]).cpu())
+                bar.update(len(eps))
+    finally:
+        if pool is not None: pool.shutdown(); torch.set_num_threads(threads_before)
     bar.close()
     table = torch.cat(rows).double() * 100 / (way * query)                  # (n_tasks, len(steps)), %
     accs = table[:, -1].tolist()
