@@ -123,11 +123,12 @@ def bench(threads: int | None = None, reps: int = 7, out: str | Path | None = No
              "meta_test, 16 episodes 5w1s (episodes side by side)": meta_test_unit(1), "meta_test, 16 episodes 5w5s": meta_test_unit(5),
              "replay, 4 tasks 5w1s (second order, 5 steps)": replay_unit(), "alignment step (IGR, m = 4, 50 images each)": alignment_unit(),
              **reference_units()}
+    # FlopCounterMode sees the calling thread only, and meta_test runs its episodes in worker threads: count 16 episodes here
+    counted = {name: (lambda u=episode_unit(s): [u() for _ in range(16)]) for name, s in
+               (("meta_test, 16 episodes 5w1s (episodes side by side)", 1), ("meta_test, 16 episodes 5w5s", 5))}
     rows = {}
     for name, fn in units.items():
-        t = time_unit(fn, reps)
-        # FlopCounterMode sees this thread only: meta_test's episodes run in worker threads, so count 16 single episodes
-        fl = 16 * count_flops(episode_unit(1 if "5w1s" in name else 5)) if name.startswith("meta_test") else count_flops(fn)
+        t = time_unit(fn, reps); fl = count_flops(counted.get(name, fn))
         rows[name] = {**t, "gflop": fl / 1e9, "gflop_per_s": fl / 1e9 / t["median_s"]}
     gen = benchmark_recovery(steps=generator_steps, threads=threads)
     rows["generator step (Table 7 generator, 150 images, Conv4 teacher, BN hooks)"] = {

@@ -143,17 +143,22 @@ def run(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, ove
     timer = Timer(); timer.seconds.update(tr.timings)
     with timer("test_data"): test = cfg.data("test")
     methods = _score_methods(tr.model, tr.stages.pool, test, cfg, method, timer, device, show_progress)
-    results = {"config": to_jsonable(cfg), "git_commit": git_commit(), "checksums": data_checksums(cfg, tr.stages.pool),
-               "methods": methods,
-               "evaluation": {"test_head": cfg.test_head, "episode_seed": cfg.seed, "inner_steps": cfg.test_inner_steps},
-               "selection": {"best_val_acc": tr.best_val_acc, "best_epoch": tr.best_epoch, "split": "val",
-                             "init_val_acc": tr.init_val_acc, "beat_init": tr.best_epoch > 0},
-               "groups": [[tr.stages.pool[i].index for i in g] for g in tr.stages.groups],   # pool members' indices
-               "timings": {k: round(v, 2) for k, v in timer.seconds.items()}, "total_seconds": round(time.perf_counter() - t0, 1),
-               "peak_memory_mb": round(peak_memory_mb()), "device": str(device)}
+    results = _record(cfg, tr.stages.pool, methods, _selection(tr.best_val_acc, tr.best_epoch, tr.init_val_acc), timer, t0, device,
+                      groups=[[tr.stages.pool[i].index for i in g] for g in tr.stages.groups])   # pool members' indices
     save_json(results, out/"results.json")
     print(format_results(results)); print(f"written: {out/'results.json'}")
     return results
+
+# %% ../nbs/12_cli.ipynb
+def _selection(best_val_acc, best_epoch: int, init_val_acc) -> dict:
+    return {"best_val_acc": best_val_acc, "best_epoch": best_epoch, "split": "val", "init_val_acc": init_val_acc, "beat_init": best_epoch > 0}
+
+def _record(cfg: RunConfig, pool, methods: dict, selection: dict, timer: Timer, t0: float, device, **extra) -> dict:
+    "What `results.json` (and a `meta-test/*.json`) holds: config, commit, data checksums, scores, rule, selection, timings."
+    return {"config": to_jsonable(cfg), **extra, "git_commit": git_commit(), "checksums": data_checksums(cfg, pool), "methods": methods,
+            "evaluation": {"test_head": cfg.test_head, "episode_seed": cfg.seed, "inner_steps": cfg.test_inner_steps},
+            "selection": selection, "timings": {k: round(v, 2) for k, v in timer.seconds.items()},
+            "total_seconds": round(time.perf_counter() - t0, 1), "peak_memory_mb": round(peak_memory_mb()), "device": str(device)}
 
 def _score_methods(model, pool, test, cfg: RunConfig, method: str, timer: Timer, device=None, show_progress: bool = True) -> dict:
     "The meta-model's rows and the baselines' (`cfg.baselines`, from `pool`) on the same seeded episodes, under one rule."
@@ -166,6 +171,7 @@ def _score_methods(model, pool, test, cfg: RunConfig, method: str, timer: Timer,
                 methods[name][f"{cfg.way}w{shot}s"] = _row(r)
     return methods
 
+# %% ../nbs/12_cli.ipynb
 def format_results(results: dict) -> str:
     "The results table of a run (accuracy % with 95 % CI over the same seeded test episodes) and its timings."
     m = results["methods"]; cols = list(next(iter(m.values())).keys())
@@ -215,13 +221,8 @@ def test_run(run_dir: str | Path, overrides: list[str] | None = None, show_progr
     with timer("pool"): pool = build_pool(cfg.pool_config(), device=device, show_progress=show_progress)   # the run's pool
     name = "free" if all(getattr(cfg, k) == v for k, v in METHODS["free"].items()) else "tgr"
     methods = _score_methods(model, pool, test, new, name, timer, device, show_progress)
-    results = {"config": to_jsonable(new), "run": str(run_dir), "trained_on": {"benchmark": cfg.benchmark, "root": cfg.root},
-               "git_commit": git_commit(), "checksums": data_checksums(new, pool), "methods": methods,
-               "evaluation": {"test_head": new.test_head, "episode_seed": new.seed, "inner_steps": new.test_inner_steps},
-               "selection": {"best_val_acc": info["val_acc"], "best_epoch": info["epoch"], "split": "val",
-                             "init_val_acc": info["init_val_acc"], "beat_init": info["epoch"] > 0, "finished": info["finished"]},
-               "timings": {k: round(v, 2) for k, v in timer.seconds.items()}, "total_seconds": round(time.perf_counter() - t0, 1),
-               "peak_memory_mb": round(peak_memory_mb()), "device": str(device)}
+    results = _record(new, pool, methods, {**_selection(info["val_acc"], info["epoch"], info["init_val_acc"]), "finished": info["finished"]},
+                      timer, t0, device, run=str(run_dir), trained_on={"benchmark": cfg.benchmark, "root": cfg.root})
     save_json(results, out)
     print(format_results(results)); print(f"written: {out}")
     return results
@@ -264,6 +265,7 @@ SRC/<domain>/<class>/<images>, whose classes are then split within each domain a
 
   tgr split ~/scripts data && tgr run --preset smoke benchmark=data"""
 
+# %% ../nbs/12_cli.ipynb
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="tgr", description=_HELP, formatter_class=fmt)

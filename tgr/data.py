@@ -453,6 +453,7 @@ CUB-200-2011 comes from https://www.vision.caltech.edu/datasets/cub_200_2011/ (C
 def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMG_EXTS and p.is_file())
 
+# %% ../nbs/01_data.ipynb
 _MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I;16")   # what converts to RGB losslessly enough
 
 def _decode(f: str) -> tuple:
@@ -465,7 +466,7 @@ def _decode(f: str) -> tuple:
 def check_images(files: Sequence[str], img_size: int | None = None) -> int:
     """Decode every file once (the verdict is cached per file list, sizes and mtimes): each must be an image of a mode
     that converts to RGB, and all must have one square size unless `img_size` asks to resize them. Returns the size."""
-    stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    stats = [(f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(f)]]
     mark = cache_dir("checked-images")/f"{config_hash([stats, img_size], n=24)}.json"
     if mark.exists(): return int(load_json(mark)["img_size"])
     sizes: dict = {}
@@ -501,6 +502,7 @@ def _load_cub(split: str, root=None, download: bool = False, img_size: int | Non
         fs = _list_images(img_root/c); files += [str(p) for p in fs]; labels += [k] * len(fs)
     return FewShotDataset(labels, classes, ["cub"] * len(classes), files=files, img_size=img_size or 84, name="cub", split=split)
 
+# %% ../nbs/01_data.ipynb
 FOLDER_LAYOUT = """  ROOT/train/<class name>/<image files>
   ROOT/val/<class name>/<image files>
   ROOT/test/<class name>/<image files>

@@ -73,23 +73,6 @@ def _episodes_fingerprint(sampler: EpisodeSampler) -> str:
 def _channels_last(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
-def _in_place_learner(model: nn.Module) -> tuple[nn.Module, list[Tensor], list[Tensor]]:
-    """A copy of `model` that adapts in place, its parameters, and their starting values. Its BN layers normalise with batch
-    statistics (the policy of `MetaForward`) through PyTorch's fused kernel: exact for first-order steps, which never
-    differentiate through BN twice (notebook 08 shows that the fused kernel's double backward is not)."""
-    net = copy.deepcopy(model).eval().requires_grad_(True)
-    for mod in net.modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            mod.track_running_stats, mod.running_mean, mod.running_var, mod.num_batches_tracked = False, None, None, None
-    net = net.to(memory_format=torch.channels_last); ps = list(net.parameters())
-    return net, ps, [p.detach().clone() for p in ps]
-
-def _sgd_in_place(net: nn.Module, ps: list[Tensor], xs: Tensor, ys: Tensor, steps: int, lr: float) -> None:
-    "`steps` first-order SGD steps of size `lr` on the support cross-entropy, applied to `ps` (the parameters of `net`) in place."
-    for _ in range(steps):
-        with torch.enable_grad(): g = torch.autograd.grad(F.cross_entropy(net(xs), ys), ps)
-        with torch.no_grad(): torch._foreach_add_(ps, g, alpha=-lr)
-
 def meta_test(model: nn.Module, dataset: FewShotDataset, way: int, shot: int, query: int = 15, n_tasks: int = 600,
               inner_steps: int = 10, inner_lr: float = 0.01, seed: int = 0, device=None, vectorize: bool | None = None,
               task_batch: int = 8, eval_steps: Sequence[int] | None = None, show_progress: bool = True) -> MetaTestResult:
@@ -125,39 +108,15 @@ def meta_test(model: nn.Module, dataset: FewShotDataset, way: int, shot: int, qu
             out.append((f(p, xq).argmax(-1) == yq).sum())
         return torch.stack(out)
 
-    # the CPU loop runs `workers` episodes at a time, one per Python thread with one torch thread each: small episodes use two
-    # cores better this way than one episode on two torch threads; each thread adapts its own copy (results do not depend on it)
-    workers = min(torch.get_num_threads(), task_batch) if not vec and dev.type == "cpu" else 1
-    learners = [] if vec else [_in_place_learner(m) for _ in range(workers)]
-    def run_task_in_place(k, xs, ys, xq, yq):                               # the same steps, on learner k, SGD in place
-        net, ps, init = learners[k]
-        torch._foreach_copy_(ps, init); done, out = 0, []
-        for s in steps:
-            _sgd_in_place(net, ps, xs, ys, s - done, inner_lr); done = s
-            out.append((net(xq).argmax(-1) == yq).sum())
-        return torch.stack(out)
-    def run_share(k, eps):                                                  # thread k's share of a chunk: episodes k, k + workers, ...
-        with torch.no_grad():
-            return [run_task_in_place(k, _channels_last(xs.to(dev)), ys.to(dev), _channels_last(xq.to(dev)), yq.to(dev))
-                    for xs, ys, xq, yq in eps[k::workers]]
-
-    t0, rows, threads_before = time.perf_counter(), [], torch.get_num_threads()
-    bar = progress(total=n_tasks, desc=f"meta-test {way}-way {shot}-shot", disable=not show_progress)
-    pool = ThreadPoolExecutor(workers) if workers > 1 else None
-    try:
-        if pool is not None: torch.set_num_threads(1)
+    t0, bar = time.perf_counter(), progress(total=n_tasks, desc=f"meta-test {way}-way {shot}-shot", disable=not show_progress)
+    if vec:
+        rows = []
         with torch.no_grad():
             for start in range(0, n_tasks, task_batch):
                 eps = [sampler.episode(i) for i in range(start, min(start + task_batch, n_tasks))]
-                if vec:
-                    xs, ys, xq, yq = (torch.stack(z).to(dev) for z in zip(*eps))
-                    rows.append(vmap(run_task)(xs, ys, xq, yq).cpu())
-                else:
-                    shares = list(pool.map(lambda k: run_share(k, eps), range(workers))) if pool else [run_share(0, eps)]
-                    rows.append(torch.stack([shares[j % workers][j // workers] for j in range(len(eps))]).cpu())
-                bar.update(len(eps))
-    finally:
-        if pool is not None: pool.shutdown(); torch.set_num_threads(threads_before)
+                xs, ys, xq, yq = (torch.stack(z).to(dev) for z in zip(*eps))
+                rows.append(vmap(run_task)(xs, ys, xq, yq).cpu()); bar.update(len(eps))
+    else: rows = _in_place_rows(m, sampler, steps, inner_lr, task_batch, dev, bar)
     bar.close()
     table = torch.cat(rows).double() * 100 / (way * query)                  # (n_tasks, len(steps)), %
     accs = table[:, -1].tolist()
@@ -165,6 +124,52 @@ def meta_test(model: nn.Module, dataset: FewShotDataset, way: int, shot: int, qu
     curve = {s: float(table[:, j].mean()) for j, s in enumerate(steps)} if eval_steps else {}
     return MetaTestResult(acc, ci, n_tasks, accs, way, shot, query, inner_steps, float(inner_lr), int(seed),
                           _episodes_fingerprint(sampler), curve, time.perf_counter() - t0, vec)
+
+# %% ../nbs/10_evaluate.ipynb
+def _in_place_learner(model: nn.Module) -> tuple[nn.Module, list[Tensor], list[Tensor]]:
+    """A copy of `model` that adapts in place, its parameters, and their starting values. Its BN layers normalise with batch
+    statistics (the policy of `MetaForward`) through PyTorch's fused kernel: exact for first-order steps, which never
+    differentiate through BN twice (notebook 08 shows that the fused kernel's double backward is not)."""
+    net = copy.deepcopy(model).eval().requires_grad_(True)
+    for mod in net.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.track_running_stats, mod.running_mean, mod.running_var, mod.num_batches_tracked = False, None, None, None
+    net = net.to(memory_format=torch.channels_last); ps = list(net.parameters())
+    return net, ps, [p.detach().clone() for p in ps]
+
+def _sgd_in_place(net: nn.Module, ps: list[Tensor], xs: Tensor, ys: Tensor, steps: int, lr: float) -> None:
+    "`steps` first-order SGD steps of size `lr` on the support cross-entropy, applied to `ps` (the parameters of `net`) in place."
+    for _ in range(steps):
+        with torch.enable_grad(): g = torch.autograd.grad(F.cross_entropy(net(xs), ys), ps)
+        with torch.no_grad(): torch._foreach_add_(ps, g, alpha=-lr)
+
+# %% ../nbs/10_evaluate.ipynb
+def _in_place_rows(model: nn.Module, sampler: EpisodeSampler, steps: list[int], lr: float, task_batch: int, dev, bar) -> list[Tensor]:
+    "Correct query predictions per episode and step count, `workers` episodes at a time (one Python and one torch thread each)."
+    workers = min(torch.get_num_threads(), task_batch) if dev.type == "cpu" else 1
+    learners = [_in_place_learner(model) for _ in range(workers)]
+    def run_share(k, eps):                                  # thread k: episodes k, k + workers, ... of the chunk, on learner k
+        net, ps, init = learners[k]; out = []
+        with torch.no_grad():
+            for xs, ys, xq, yq in eps[k::workers]:
+                xs, ys, xq, yq = _channels_last(xs.to(dev)), ys.to(dev), _channels_last(xq.to(dev)), yq.to(dev)
+                torch._foreach_copy_(ps, init); done, correct = 0, []
+                for s in steps:
+                    _sgd_in_place(net, ps, xs, ys, s - done, lr); done = s
+                    correct.append((net(xq).argmax(-1) == yq).sum())
+                out.append(torch.stack(correct))
+        return out
+    rows, threads_before = [], torch.get_num_threads()
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        if pool is not None: torch.set_num_threads(1)
+        for start in range(0, len(sampler), task_batch):
+            eps = [sampler.episode(i) for i in range(start, min(start + task_batch, len(sampler)))]
+            shares = list(pool.map(lambda k: run_share(k, eps), range(workers))) if pool else [run_share(0, eps)]
+            rows.append(torch.stack([shares[j % workers][j // workers] for j in range(len(eps))]).cpu()); bar.update(len(eps))
+    finally:
+        if pool is not None: pool.shutdown(); torch.set_num_threads(threads_before)
+    return rows
 
 # %% ../nbs/10_evaluate.ipynb
 def _zero_head(model: nn.Module, way: int, generator: torch.Generator | None) -> nn.Linear:

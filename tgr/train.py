@@ -136,9 +136,9 @@ class MetaTrainConfig:
             raise TGRError(f"replay needs replay_shot + replay_query = {self.replay_shot + self.replay_query} images per class, "
                            f"but recovered tasks have inv_per_class={self.inv_per_class}; raise inv_per_class or lower replay_shot/replay_query")
         for k in ("beta", "kd_temperature", "meta_lr", "inner_lr", "inv_lr", "five_inner_lr", "five_outer_lr", "bell_inner_lr"):
-            v = getattr(self, k); low = 0 if k == "beta" else None        # beta may be 0 (IGR off); the rest must be > 0
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (v < 0 if low == 0 else v <= 0):
-                raise TGRError(f"{k} must be a finite number {'>= 0' if low == 0 else '> 0'}, got {v!r}")
+            v, zero_ok = getattr(self, k), k == "beta"                      # beta may be 0 (IGR off); the rest must be > 0
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok):
+                raise TGRError(f"{k} must be a finite number {'>= 0' if zero_ok else '> 0'}, got {v!r}")
         if self.img_size is not None and (isinstance(self.img_size, bool) or not isinstance(self.img_size, int) or self.img_size < 16):
             raise TGRError(f"img_size must be None (the benchmark's own size) or an integer >= 16, got {self.img_size!r}")
         if not self.shots or any(int(s) < 1 for s in self.shots): raise TGRError(f"shots must be positive, got {self.shots}")
@@ -284,8 +284,9 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, resume: bool = False, over
     model = build_model(cfg.meta_arch, cfg.way, img, in_ch).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)
     bank = MemoryBank(cfg.bank_size)
+    aug = augment_mode(cfg)         # resolved once, not per task and epoch
     mg = (MetaGenerator(img, in_ch, k=cfg.five_k, inner_lr=cfg.five_inner_lr, outer_lr=cfg.five_outer_lr, ngf=cfg.inv_ngf,
-                        use_bn=cfg.inv_bn, augment=augment_mode(cfg), seed=cfg.seed, device=device)
+                        use_bn=cfg.inv_bn, augment=aug, seed=cfg.seed, device=device)
           if cfg.recovery == "meta-generator" else None)
     rng, gen = make_rng(cfg.seed, 1), torch.Generator().manual_seed(cfg.seed)
     best = {"acc": None, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
@@ -307,7 +308,6 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, resume: bool = False, over
         best = {"acc": acc0, "epoch": 0, "state": copy.deepcopy(model.state_dict()), "init_acc": acc0}
     n_lines = len(metrics_path.read_text().splitlines()) if metrics_path.exists() else 0
     loss_fn = kd_loss(cfg.soft_labels, cfg.hard_labels, cfg.kd_temperature)
-    aug = augment_mode(cfg)         # resolved once, not per task and epoch
     align = ALIGNMENTS[cfg.alignment]
     bar = progress(range(start, cfg.epochs + 1), desc="meta-train", disable=not show_progress, leave=True)
     epoch = start - 1
