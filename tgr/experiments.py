@@ -22,10 +22,10 @@ from .inversion import recover_pool_tasks, member_fingerprint, pool_fingerprint
 from .fim import embed_pool, dissimilarity
 
 # %% auto 0
-__all__ = ['EXPERIMENTS', 'Experiment', 'experiment_config', 'repo_root', 'run_cached', 'run_experiment', 'summarize_runs',
-           'format_summary', 'load_summary', 'verdict', 'results_overview', 'gradient_curves', 'summary_text',
-           'save_gradient_curves', 'class_cover_rate', 'save_cover_rates', 'gain_design', 'accuracy_gain',
-           'format_gain', 'design_dissimilarity', 'format_dissimilarity']
+__all__ = ['EXPERIMENTS', 'Experiment', 'experiment_config', 'repo_root', 'run_cached', 'recorded_runs', 'run_experiment',
+           'summarize_runs', 'format_summary', 'load_summary', 'verdict', 'results_overview', 'gradient_curves',
+           'summary_text', 'save_gradient_curves', 'class_cover_rate', 'save_cover_rates', 'gain_design',
+           'accuracy_gain', 'format_gain', 'design_dissimilarity', 'format_dissimilarity']
 
 # %% ../nbs/11_experiments.ipynb
 @dataclass(frozen=True)
@@ -46,21 +46,23 @@ class Experiment:
 _BASE3 = ("finetune", "best_model", "average")
 _BEFORE = {"augment": "none", "replay_source": "across", "replay_updates": 1}   # the pipeline before the fixes of the ladder
 _FIXED = {"augment": "auto", "replay_source": "within", "replay_updates": 2}
+_ORACLE = {"oracle (real images)": {"recovery": "real", "baselines": ()}}   # the same loop on real images: not data-free
+_POOLS = (5, 10, 20, 40, 80)
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     Experiment("table1_main", "Table 1: single domain (Latin glyphs), TGR against the baselines",
-               {"tgr": {}}, baselines=True, overrides={"benchmark": "glyphs-latin"},
+               {"tgr": {}, **_ORACLE}, baselines=True, overrides={"benchmark": "glyphs-latin"},
                claim="TGR beats Finetune, Best-Model and Average at 5-way 1-shot and 5-shot",
                better=tuple(("tgr", b) for b in _BASE3), paper_benchmark="CIFAR-FS",
                paper={"tgr": {"5w1s": 43.58, "5w5s": 57.49}, "finetune": {"5w1s": 28.59, "5w5s": 34.77},
                       "best_model": {"5w1s": 21.68, "5w5s": 25.05}, "average": {"5w1s": 23.96, "5w5s": 27.04}}),
     Experiment("table2_multidomain", "Table 2: multi-domain (Latin, Greek and Cyrillic glyphs), TGR against the baselines",
-               {"tgr": {}}, baselines=True,
+               {"tgr": {}, **_ORACLE}, baselines=True,
                claim="TGR beats the baselines when the pool spans several domains",
                better=tuple(("tgr", b) for b in _BASE3), paper_benchmark="CIFAR-FS + miniImageNet + CUB",
                paper={"tgr": {"5w1s": 32.04, "5w5s": 44.88}, "finetune": {"5w1s": 24.85, "5w5s": 28.35}}),
     Experiment("table3_multiarch", "Table 3: multi-architecture pool (Conv4, ResNet-10, ResNet-18 on Latin glyphs; Conv4 meta-model)",
-               {"tgr": {}}, baselines=True, overrides={"benchmark": "glyphs-latin", "archs": ("conv4", "resnet10", "resnet18")},
+               {"tgr": {}, **_ORACLE}, baselines=True, overrides={"benchmark": "glyphs-latin", "archs": ("conv4", "resnet10", "resnet18")},
                claim="TGR beats the baselines when the pool mixes architectures",
                better=tuple(("tgr", b) for b in _BASE3), paper_benchmark="CIFAR-FS",
                paper={"tgr": {"5w1s": 44.18, "5w5s": 57.15}, "finetune": {"5w1s": 28.59, "5w5s": 34.77}}),
@@ -105,9 +107,13 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                claim="(ours) cross-task replay, now within one stored task, raises accuracy over no replay",
                better=(("replay on", "replay off"),)),
     Experiment("fig6_models", "Fig. 6: number of pool models (and the class cover rate of the pool)",
-               {str(n): {"n_models": n} for n in (5, 10, 20, 40, 80)}, overrides={"benchmark": "glyphs-latin"},
+               {str(n): {"n_models": n} for n in _POOLS}, overrides={"benchmark": "glyphs-latin"},
                claim="accuracy keeps rising as models are added, also once the pool covers every class",
                better=(("10", "5"), ("20", "10"), ("40", "20"), ("80", "40")), paper_benchmark="CIFAR-FS (a figure; no numbers given)"),
+    Experiment("fig6_equal_draws", "Fig. 6 with equal task draws per model: epochs grow with the pool (150 x n / 20, m = 4: 30 draws per model)",
+               {str(n): {"n_models": n, "epochs": round(150 * n / 20)} for n in _POOLS}, overrides={"benchmark": "glyphs-latin"},
+               claim="(ours) with draws per model held fixed, accuracy rises as models are added",
+               better=(("10", "5"), ("20", "10"), ("40", "20"), ("80", "40"))),
     # FREE (CVPR 2024): BELL alignment, replay, no grouping; the meta-generator (FIVE) re-recovers the m tasks every epoch
     Experiment("free_table2_recovery", "FREE Table 2 analog: the meta-generator (k = 2, 5 steps) against the per-task generator",
                {"per-task generator": {"alignment": "bell", "grouping": "none"},
@@ -178,6 +184,23 @@ def run_cached(cfg: RunConfig, runs_dir: str | Path, quiet: bool = True, threads
         r = run_config(cfg, out, resume=(out/"config.json").exists(), show_progress=not quiet)
     return {**r, "run": out.name}
 
+def recorded_runs(results_dir) -> dict:
+    """Every per-run record of the summaries in `results_dir`, by run folder (the config hash). A hash covers every
+    config field, so a record matches only a run of the same config; a fresh clone reuses them instead of re-running."""
+    recs = {}
+    for f in sorted(Path(results_dir).glob("*.json")):
+        d = json.loads(f.read_text())
+        for r in d.get("runs", []) if isinstance(d, dict) else []:
+            if isinstance(r, dict) and {"run", "methods", "variant"} <= set(r): recs.setdefault(r["run"], r)
+    return recs
+
+def _recorded(cfg: RunConfig, recs: dict) -> dict | None:
+    "The record of a finished run of `cfg` (or of `cfg` with every baseline, keeping the meta-model's scores only)."
+    r = recs.get(config_hash(cfg))
+    if r is None and not cfg.baselines and (r := recs.get(config_hash(replace(cfg, baselines=_ALL_BASELINES)))):
+        r = {**r, "methods": {"tgr": r["methods"]["tgr"]}}
+    return None if r is None else {k: v for k, v in r.items() if k not in ("variant", "seed")}
+
 def _run_job(args):
     cfg, runs_dir, threads = args
     r = run_cached(cfg, runs_dir, quiet=True, threads=threads)
@@ -190,10 +213,11 @@ def _checksums(runs: list[dict]) -> dict:
     return {k: (v[0] if len(v) == 1 else v or None) for k in ("benchmark", "glyphs") for v in [vals(k)]}
 
 def run_experiment(name: str | Experiment, seeds: Sequence[int] = (0, 1, 2), workers: int = 1, runs_dir=None, results_dir=None,
-                   variants: Sequence[str] | None = None, extra: dict | None = None, write: bool = True) -> dict:
+                   variants: Sequence[str] | None = None, extra: dict | None = None, write: bool = True, reuse: bool = True) -> dict:
     """Run every (variant, seed) of an experiment that is not cached yet, then summarise it into
     `results_dir/<name>.json` (default: `results/` at the repository root). `extra` overrides fields of every run
-    (for small test calls); `variants` restricts the variants."""
+    (for small test calls); `variants` restricts the variants. A run of the same config recorded in any summary of
+    `results_dir` is reused (`reuse=False`: only run folders count); each run keeps its own `git_commit`."""
     exp = EXPERIMENTS[name] if isinstance(name, str) and name in EXPERIMENTS else name
     if not isinstance(exp, Experiment): raise TGRError(f"unknown experiment {name!r}; choose from {list(EXPERIMENTS)}")
     if not seeds: raise TGRError("seeds is empty: give at least one seed (the paper's protocol here uses 3)")
@@ -202,14 +226,19 @@ def run_experiment(name: str | Experiment, seeds: Sequence[int] = (0, 1, 2), wor
     runs_dir = Path(runs_dir or root/"runs"/"experiments"); results_dir = Path(results_dir or root/"results")
     jobs = [(v, s, experiment_config(exp, v, s, extra)) for v in names for s in seeds]   # all configs checked before any run
     t0 = time.perf_counter()
-    args = [(cfg, runs_dir, 1 if workers > 1 else None) for _, _, cfg in jobs]
+    recs = recorded_runs(results_dir) if reuse else {}
+    done = {i: r for i, (_, _, cfg) in enumerate(jobs) if not _finished(runs_dir/config_hash(cfg), cfg) and (r := _recorded(cfg, recs))}
+    todo = [i for i in range(len(jobs)) if i not in done]
+    args = [(jobs[i][2], runs_dir, 1 if workers > 1 else None) for i in todo]
     if workers > 1:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex: outs = list(ex.map(_run_job, args))
     else: outs = [_run_job(a) for a in args]
-    runs = [{"variant": v, "seed": s, **o} for (v, s, cfg), o in zip(jobs, outs)]
+    done.update(zip(todo, outs))
+    runs = [{"variant": v, "seed": s, **done[i]} for i, (v, s, _) in enumerate(jobs)]
     summary = {"experiment": exp.name, "title": exp.title, "claim": exp.claim, "benchmark": jobs[0][2].benchmark,
                "base": exp.base, "overrides": exp.overrides, "extra": extra or {}, "variants": {v: exp.variants[v] for v in names},
-               "seeds": list(seeds), "config": to_jsonable(jobs[0][2]), "git_commit": git_commit(), "checksums": _checksums(runs),
+               "seeds": list(seeds), "config": to_jsonable(jobs[0][2]), "git_commit": git_commit(),
+               "run_commits": sorted({r.get("git_commit") or "?" for r in runs}), "checksums": _checksums(runs),
                "compute_seconds": round(sum(r["total_seconds"] for r in runs), 1),   # the runs' own time, cached or not
                "new_runs_wall_seconds": round(time.perf_counter() - t0, 1),            # this call (small when all were cached)
                "runs": runs, "rows": summarize_runs(runs), "better": [list(p) for p in exp.better],
