@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tgr.cli import main, PRESETS, resolve_config
+from tgr.cli import main
+from tgr.runs import PRESETS, resolve_config
 
 CLI = [sys.executable, "-c", "from tgr.cli import main; main()"]
 # 30 short epochs so that a kill lands in the middle of meta-training; checkpoints every 3 epochs

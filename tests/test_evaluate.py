@@ -70,7 +70,7 @@ def test_bad_inputs_are_explained(test_split):
     with pytest.raises(TGRError, match=r"reset_head\(model, 5\)"): meta_test(build_model("conv4", 4, 32), test_split, 5, 1, n_tasks=1)
     with pytest.raises(TGRError, match="resize the images"): meta_test(build_model("conv4", 5, 64), test_split, 5, 1, n_tasks=1)
     with pytest.raises(TGRError, match="inner_steps must be an integer >= 0"): meta_test(net, test_split, 5, 1, inner_steps=-1)
-    with pytest.raises(TGRError, match="n_episodes must be a positive integer"): meta_test(net, test_split, 5, 1, n_tasks=0)
+    with pytest.raises(TGRError, match="n_episodes must be an integer >= 1"): meta_test(net, test_split, 5, 1, n_tasks=0)
     with pytest.raises(TGRError, match="lower `way`"): meta_test(net, test_split, 8, 1, n_tasks=1)
     with pytest.raises(TGRError, match="within 0..inner_steps"): meta_test(net, test_split, 5, 1, n_tasks=1, eval_steps=[11])
     with pytest.raises(TGRError, match="FewShotDataset"): meta_test(net, [(torch.rand(3, 32, 32), 0)], 5, 1)

@@ -171,20 +171,20 @@ def test_clear_errors():
     T = _teacher(0)
     mg = MetaGenerator(16, 3, **TINY)
     cases = [
-        (lambda: five_recover(mg, [T], 3, k=0), "k must be a positive integer"),
+        (lambda: five_recover(mg, [T], 3, k=0), "k must be an integer >= 1"),
         (lambda: five_recover(mg, [T], 4), "has only 3 outputs"),
         (lambda: five_recover(mg, [build_model("conv4", 3, 32)], 3), "MetaGenerator(img_size=32"),
         (lambda: five_recover(mg, [build_model("conv4", 3, 16, in_ch=1)], 3), "1-channel"),
         (lambda: five_recover(mg, [T, T], [3, 3, 3]), "one per teacher"),
         (lambda: five_recover(mg, [T], 3, classes=[[0, 1]]), "one global id per label"),
-        (lambda: five_recover(mg, [T], 3, per_class=0), "per_class must be a positive integer"),
+        (lambda: five_recover(mg, [T], 3, per_class=0), "per_class must be an integer >= 1"),
         (lambda: five_recover(mg, [T], 3, student=build_model("conv4", 5, 16)), "as many outputs"),
         (lambda: five_recover(mg, [], 3), "no teachers"),
         (lambda: five_recover(mg, [object()], 3), "must be a torch nn.Module"),
         (lambda: five_recover(T, [T], 3), "meta_gen must be a MetaGenerator"),
         (lambda: five_recover(mg, [T], 3, seed=1.5), "seed must be an integer"),
         (lambda: five_config(inner_optimizer="lbfgs"), "choose one of"),
-        (lambda: FiveConfig(bn_weight=-1.0), "non-negative"),
+        (lambda: FiveConfig(bn_weight=-1.0), "bn_weight must be a finite number >= 0"),
         (lambda: MetaGenerator(32, 3, **TINY).load_state_dict(mg.state_dict()), "from_state_dict"),
         (lambda: mg.load_state_dict({"weights": {}}), "not a MetaGenerator state"),
     ]

@@ -23,7 +23,7 @@ def test_unwritable_output_dir(tmp_path, train):
 def test_bad_config_values(train):
     with pytest.raises(TGRError, match="choose from"): PoolConfig(archs=("alexnet",)).check()
     with pytest.raises(TGRError, match="lower `way`"): PoolConfig(way=train.n_classes + 1).check(train)
-    with pytest.raises(TGRError, match="at least 1"): PoolConfig(n_models=0).check()
+    with pytest.raises(TGRError, match="pool n_models must be an integer >= 1"): PoolConfig(n_models=0).check()
     with pytest.raises(TGRError, match="class_sampling"): PoolConfig(class_sampling="random").check()
     with pytest.raises(TGRError, match="meta-train classes only"):
         build_pool(CFG, dataset=load_benchmark("glyphs-greek", "test"), show_progress=False)

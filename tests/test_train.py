@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest, torch
 
-from tgr.cli import PRESETS
+from tgr.runs import PRESETS
 from tgr.core import TGRError
 from tgr.data import load_benchmark
 from tgr.evaluate import head_rule
@@ -29,7 +29,7 @@ def test_head_rule_is_one_rule_for_every_model():
 def test_config_names_the_allowed_rules():
     with pytest.raises(TGRError, match="test_head must be one of"): replace(SMOKE, test_head="mine").check()
     with pytest.raises(TGRError, match="replay_source must be one of"): replace(SMOKE, replay_source="all").check()
-    with pytest.raises(TGRError, match="replay_updates must be at least 1"): replace(SMOKE, replay_updates=0).check()
+    with pytest.raises(TGRError, match="replay_updates must be an integer >= 1"): replace(SMOKE, replay_updates=0).check()
 
 
 def test_within_replay_draws_every_class_from_one_stored_task():

@@ -91,7 +91,7 @@ def test_load_meta_model_and_test_elsewhere(short_run, tmp_path):
 def test_overwrite_removes_the_old_results(short_run, tmp_path):
     "An --overwrite killed early must not leave the old results.json beside the new config."
     import shutil
-    from tgr.cli import resolve_config
+    from tgr.runs import resolve_config
     from tgr.train import meta_train
     d = tmp_path / "run"; shutil.copytree(short_run, d)
     meta_train(resolve_config("smoke", ["seed=5"]), d, overwrite=True, show_progress=False, _stop_after=1)

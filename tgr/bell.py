@@ -4,15 +4,14 @@
 
 # %% ../nbs/07a_bell.ipynb 5
 from __future__ import annotations
-import math
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Callable, Sequence
 
 import torch
 from torch import nn, Tensor
 from torch.func import grad
 
-from .core import TGRError
+from .core import TGRError, check_int, check_number
 from .igr import (GradStats, LossFn, Params, _accumulate, _check_loss_fns, _check_module_inputs, _check_params,
                      _mean_dict, _module_first_pass, _scalar_loss, _stats, task_gradients)
 
@@ -20,23 +19,11 @@ from .igr import (GradStats, LossFn, Params, _accumulate, _check_loss_fns, _chec
 __all__ = ['bell_update', 'bell_gradient', 'mean_inner_product', 'gradient_inner_product', 'bell_step']
 
 # %% ../nbs/07a_bell.ipynb
-def _check_rate(name: str, value, hint: str) -> float:
-    "`value` as a float, after checking it is a finite number >= 0."
-    if isinstance(value, Tensor) and value.numel() == 1: value = value.item()
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
-        raise TGRError(f"{name} must be a finite number >= 0 ({hint}), got {value!r}")
-    return float(value)
-
-def _check_inner_lr(inner_lr) -> float: return _check_rate("inner_lr", inner_lr, "the step size of BELL's inner loop; FREE uses 0.001")
+def _check_inner_lr(inner_lr) -> float: return check_number("inner_lr", inner_lr, hint="the step size of BELL's inner loop; FREE uses 0.001")
 def _check_epsilon(epsilon) -> float:
-    return _check_rate("epsilon", epsilon, "the fraction of the way from theta to the clone; FREE uses 0.001, 1 jumps to the clone")
-
+    return check_number("epsilon", epsilon, hint="the fraction of the way from theta to the clone; FREE uses 0.001, 1 jumps to the clone")
 def _check_inner_steps(inner_steps) -> int:
-    "`inner_steps` as an int, after checking it is an integer >= 1."
-    if isinstance(inner_steps, bool) or not isinstance(inner_steps, Integral) or inner_steps < 1:
-        raise TGRError(f"inner_steps must be an integer >= 1 (gradient steps on each task before the next one; "
-                       f"Algorithm 2 of FREE takes 1), got {inner_steps!r}")
-    return int(inner_steps)
+    return check_int("inner_steps", inner_steps, hint="gradient steps on each task before the next one; Algorithm 2 of FREE takes 1")
 
 def _check_order(order, m: int) -> list[int]:
     "The visiting order as a list of ints: `range(m)` for None, else a checked permutation of 0..m-1."

@@ -4,12 +4,11 @@
 
 # %% ../nbs/13_bench.ipynb 3
 from __future__ import annotations
-import copy, json, os, platform, statistics, time
+import copy, os, platform, statistics, time
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode

@@ -14,10 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 # %% auto 0
-__all__ = ['TGRError', 'ArtifactError', 'seed_everything', 'rng_state', 'set_rng_state', 'make_generator', 'make_rng',
-           'get_device', 'to_jsonable', 'config_hash', 'save_artifact', 'load_artifact', 'is_valid_artifact',
-           'save_json', 'load_json', 'prepare_run_dir', 'append_jsonl', 'read_jsonl', 'cache_dir', 'git_commit',
-           'peak_memory_mb', 'Timer', 'progress']
+__all__ = ['TGRError', 'ArtifactError', 'check_int', 'check_number', 'seed_everything', 'rng_state', 'set_rng_state',
+           'make_generator', 'make_rng', 'get_device', 'to_jsonable', 'config_hash', 'save_artifact', 'load_artifact',
+           'is_valid_artifact', 'save_json', 'load_json', 'prepare_run_dir', 'append_jsonl', 'read_jsonl', 'cache_dir',
+           'git_commit', 'peak_memory_mb', 'Timer', 'progress']
 
 # %% ../nbs/00_core.ipynb
 class TGRError(ValueError):
@@ -25,6 +25,21 @@ class TGRError(ValueError):
 
 class ArtifactError(TGRError):
     "An artifact file is missing, truncated or corrupt."
+
+# %% ../nbs/00_core.ipynb
+def check_int(name: str, value, lo: int = 1, hint: str = "") -> int:
+    "`value` as an int >= `lo`, or a `TGRError` naming `name`, the bound, the value and the `hint`."
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise TGRError(f"{name} must be an integer >= {lo}, got {value!r}" + (f"; {hint}" if hint else ""))
+    return int(value)
+
+def check_number(name: str, value, lo: float = 0, strict: bool = False, hint: str = "") -> float:
+    "`value` as a finite float >= `lo` (> `lo` when `strict`); a one-element tensor is read as its number."
+    if isinstance(value, torch.Tensor) and value.numel() == 1: value = value.item()
+    ok = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating)) and np.isfinite(value)
+    if not ok or (value <= lo if strict else value < lo):
+        raise TGRError(f"{name} must be a finite number {'>' if strict else '>='} {lo:g}, got {value!r}" + (f"; {hint}" if hint else ""))
+    return float(value)
 
 # %% ../nbs/00_core.ipynb
 def seed_everything(seed: int, deterministic: bool = True) -> int:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .core import TGRError, cache_dir, config_hash, load_json, make_generator, make_rng, save_artifact, save_json, load_artifact, is_valid_artifact
+from .core import TGRError, check_int, cache_dir, config_hash, load_json, make_rng, save_artifact, save_json, load_artifact, is_valid_artifact
 
 # %% auto 0
 __all__ = ['IMG_EXTS', 'GLYPH_VERSION', 'GLYPH_FONTS', 'GLYPH_DOMAINS', 'GLYPH_STROKES', 'GLYPH_SHA256', 'CIFAR_LAYOUT',
@@ -87,7 +87,7 @@ class EpisodeSampler:
     "Seeded N-way K-shot episodes `(xs, ys, xq, yq)` from a `FewShotDataset`."
     def __init__(self, dataset: FewShotDataset, way: int, shot: int, query: int = 15, n_episodes: int = 600, seed: int = 0):
         for k, v in dict(way=way, shot=shot, query=query, n_episodes=n_episodes).items():
-            if not isinstance(v, (int, np.integer)) or v < 1: raise TGRError(f"{k} must be a positive integer, got {v!r}")
+            check_int(k, v)
         need = shot + query
         self.eligible = [c for c in range(dataset.n_classes) if len(dataset.indices_of(c)) >= need]
         if way > len(self.eligible):

@@ -8,7 +8,6 @@ import copy, hashlib, math, time
 from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 from dataclasses import dataclass, field, asdict
-from numbers import Integral, Real
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.func import vmap
 
-from .core import TGRError, get_device, progress
+from .core import TGRError, check_int, check_number, get_device, progress
 from .data import FewShotDataset, EpisodeSampler
 from .models import build_model
 from .pool import Pool, PoolMember
@@ -58,11 +57,6 @@ class MetaTestResult:
     def to_dict(self) -> dict: return asdict(self)
 
 # %% ../nbs/10_evaluate.ipynb
-def _check_positive_int(name: str, v, lo: int = 1, hint: str = "") -> int:
-    if isinstance(v, bool) or not isinstance(v, Integral) or v < lo:
-        raise TGRError(f"{name} must be an integer >= {lo}, got {v!r}" + (f"; {hint}" if hint else ""))
-    return int(v)
-
 def _episodes_fingerprint(sampler: EpisodeSampler) -> str:
     h = hashlib.sha256(repr((sampler.ds.name, sampler.ds.split, sampler.way, sampler.shot, sampler.query)).encode())
     for i in range(len(sampler)):
@@ -81,11 +75,10 @@ def meta_test(model: nn.Module, dataset: FewShotDataset, way: int, shot: int, qu
     if not isinstance(model, nn.Module): raise TGRError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(dataset, FewShotDataset):
         raise TGRError(f"dataset must be a FewShotDataset (e.g. tgr.data.load_benchmark('glyphs', 'test')), got {type(dataset).__name__}")
-    inner_steps = _check_positive_int("inner_steps", inner_steps, 0, "the paper uses 10 at meta-test")
-    if isinstance(inner_lr, bool) or not isinstance(inner_lr, Real) or not math.isfinite(inner_lr) or inner_lr <= 0:
-        raise TGRError(f"inner_lr must be a positive number (the paper uses 0.01), got {inner_lr!r}")
-    task_batch = _check_positive_int("task_batch", task_batch)
-    steps = sorted({_check_positive_int("eval_steps entries", s, 0) for s in (eval_steps or [])} | {inner_steps})
+    inner_steps = check_int("inner_steps", inner_steps, 0, "the paper uses 10 at meta-test")
+    check_number("inner_lr", inner_lr, 0, strict=True, hint="the paper uses 0.01")
+    task_batch = check_int("task_batch", task_batch)
+    steps = sorted({check_int("eval_steps entries", s, 0) for s in (eval_steps or [])} | {inner_steps})
     if steps[-1] > inner_steps:
         raise TGRError(f"eval_steps must lie within 0..inner_steps ({inner_steps}), got {list(eval_steps)}; raise inner_steps or drop them")
     sampler = EpisodeSampler(dataset, way, shot, query, n_tasks, seed)      # checks way, shot, query, n_tasks
@@ -199,7 +192,7 @@ def reset_head(model: nn.Module, way: int, init: str = "zero", seed: int = 0) ->
     if not isinstance(getattr(model, "head", None), nn.Linear):
         raise TGRError("reset_head needs a classifier with a linear `head` (as tgr.models.build_model makes)")
     if init not in HEAD_INITS: raise TGRError(f"unknown head init {init!r}; choose one of {sorted(HEAD_INITS)}")
-    way = _check_positive_int("way", way)
+    way = check_int("way", way)
     new = copy.deepcopy(model)
     new.head = HEAD_INITS[init](model, way, torch.Generator().manual_seed(int(seed)))
     if hasattr(new, "n_classes"): new.n_classes = way

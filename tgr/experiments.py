@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_experiments.ipynb 3
 from __future__ import annotations
-import contextlib, io, json, os, time
+import contextlib, io, json, time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
@@ -14,10 +14,9 @@ from typing import Sequence
 import numpy as np
 
 from .core import TGRError, config_hash, git_commit, save_json, to_jsonable
-from .cli import RunConfig, data_checksums, resolve_config, run as run_config, score_rows
-from .data import load_benchmark
+from .runs import data_checksums, resolve_config, run as run_config, score_rows
 from .pool import Pool, build_pool, designed_pool
-from .train import inversion_settings, meta_train, Stages
+from .train import MetaTrainConfig, inversion_settings, meta_train, Stages
 from .inversion import recover_pool_tasks, member_fingerprint, pool_fingerprint
 from .fim import embed_pool, dissimilarity
 
@@ -139,7 +138,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                better=(("tgr, meta-generator", "tgr"),), timed=True),
 ]}
 
-def experiment_config(exp: Experiment, variant: str, seed: int, extra: dict | None = None) -> RunConfig:
+def experiment_config(exp: Experiment, variant: str, seed: int, extra: dict | None = None) -> MetaTrainConfig:
     "The resolved config of one run: the base preset, the experiment's overrides, the variant's, `extra`, the seed."
     if variant not in exp.variants: raise TGRError(f"{exp.name} has no variant {variant!r}; it has {list(exp.variants)}")
     kw = {**exp.overrides, **exp.variants[variant], **(extra or {}), "seed": int(seed)}
@@ -157,15 +156,15 @@ def repo_root(start: str | Path | None = None) -> Path:
         if (q/"settings.ini").exists(): return q
     return p
 
-def _finished(out: Path, cfg: RunConfig) -> dict | None:
+def _finished(out: Path, cfg: MetaTrainConfig) -> dict | None:
     res = out/"results.json"
     if not res.exists(): return None
     done = json.loads(res.read_text())
     return {**done, "run": out.name} if done.get("config") == to_jsonable(cfg) else None
 
-_ALL_BASELINES = RunConfig.__dataclass_fields__["baselines"].default
+_ALL_BASELINES = MetaTrainConfig.__dataclass_fields__["baselines"].default
 
-def run_cached(cfg: RunConfig, runs_dir: str | Path, quiet: bool = True, threads: int | None = None) -> dict:
+def run_cached(cfg: MetaTrainConfig, runs_dir: str | Path, quiet: bool = True, threads: int | None = None) -> dict:
     """Run `cfg` in `runs_dir/<config hash>` unless a finished run with the same config is there; return its results
     (with `run`, the folder name). A config without baselines also accepts a finished run of the same config with
     the baselines: training and the meta-model's scores do not depend on them."""
@@ -194,7 +193,7 @@ def recorded_runs(results_dir) -> dict:
             if isinstance(r, dict) and {"run", "methods", "variant"} <= set(r): recs.setdefault(r["run"], r)
     return recs
 
-def _recorded(cfg: RunConfig, recs: dict) -> dict | None:
+def _recorded(cfg: MetaTrainConfig, recs: dict) -> dict | None:
     "The record of a finished run of `cfg` (or of `cfg` with every baseline, keeping the meta-model's scores only)."
     r = recs.get(config_hash(cfg))
     if r is None and not cfg.baselines and (r := recs.get(config_hash(replace(cfg, baselines=_ALL_BASELINES)))):
@@ -356,7 +355,7 @@ def save_gradient_curves(summary: dict, runs_dir=None, results_dir=None, variant
     return out
 
 # %% ../nbs/11_experiments.ipynb
-def class_cover_rate(cfg: RunConfig) -> float:
+def class_cover_rate(cfg: MetaTrainConfig) -> float:
     """Fig. 6's cover rate: the fraction of the meta-training classes that at least one model of the pool of `cfg`
     was trained on. Reads the cached pool (training the members that are missing)."""
     ds = cfg.data("train")
@@ -382,7 +381,7 @@ def _gain_setup(seeds: Sequence[int], n_aux: int, base: str, extra: dict | None)
     cfg0 = replace(resolve_config(base), **kw).check()
     return cfg0, cfg0.data("train")
 
-def _gain_pool(cfg0: RunConfig, ds, seed: int, overlaps, archs, n_aux: int):
+def _gain_pool(cfg0: MetaTrainConfig, ds, seed: int, overlaps, archs, n_aux: int):
     "One seed's design, its trained members and their recovered tasks (all cached, so Fig. 2 and Fig. 4 share them)."
     design = gain_design(ds, seed, overlaps, archs, n_aux, cfg0.way)
     pool = designed_pool([d["classes"] for d in design], [d["arch"] for d in design], epochs=cfg0.pool_epochs, seed=seed, ds=ds)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04a_five.ipynb 3
 from __future__ import annotations
-import copy, math, statistics, time, warnings
+import copy, statistics, time, warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, asdict, fields, replace
 from typing import Callable, Sequence
@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 
-from .core import TGRError, make_generator, get_device, progress, peak_memory_mb
+from .core import TGRError, check_int, check_number, make_generator, get_device, progress, peak_memory_mb
 from .models import Generator, build_model
-from .inversion import AUGMENTATIONS, RecoveredTask, BNStatHooks, bn_layers, eval_frozen, generator_forward, random_augment
+from .inversion import (AUGMENTATIONS, RecoveredTask, BNStatHooks, InversionTrace, bn_layers, eval_frozen, inversion_loop,
+                           generator_forward)
 from .replay import MetaForward
 
 # %% auto 0
@@ -72,12 +73,7 @@ def _student_running_stats(student: nn.Module):
 
 STUDENT_BN: dict[str, Callable] = {"batch": _student_batch_stats, "running": _student_running_stats}
 
-def _number(name, v, lo, strict):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (v <= lo if strict else v < lo):
-        raise TGRError(f"{name} must be a {'positive' if strict else 'non-negative'} number, got {v!r}")
 
-def _pos_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise TGRError(f"{name} must be a positive integer, got {v!r}")
 
 @dataclass(frozen=True)
 class FiveConfig:
@@ -97,9 +93,9 @@ class FiveConfig:
     augment: str = "none"            # what teacher and student see at each step (notebook 04's `random_augment`); kept images are not augmented
     def __post_init__(self):
         if self.augment not in AUGMENTATIONS: raise TGRError(f"unknown augmentation {self.augment!r}; choose one of {AUGMENTATIONS}")
-        for n in ("k", "z_dim", "ngf"): _pos_int(n, getattr(self, n))
-        for n in ("inner_lr", "outer_lr"): _number(n, getattr(self, n), 0, True)
-        for n in ("bn_weight", "kl_weight"): _number(n, getattr(self, n), 0, False)
+        for n in ("k", "z_dim", "ngf"): check_int(n, getattr(self, n))
+        for n in ("inner_lr", "outer_lr"): check_number(n, getattr(self, n), 0, strict=True)
+        for n in ("bn_weight", "kl_weight"): check_number(n, getattr(self, n))
         for n in ("use_bn", "fused"):
             if not isinstance(getattr(self, n), bool): raise TGRError(f"{n} must be True or False, got {getattr(self, n)!r}")
         for n, reg in (("inner_optimizer", OPTIMIZERS), ("outer_optimizer", OPTIMIZERS), ("student_bn", STUDENT_BN)):
@@ -197,7 +193,7 @@ class MetaGenerator:
     @torch.no_grad()
     def generate(self, n_classes: int, per_class: int = 30, seed: int = 0, member_index: int = -1) -> Tensor:
         "The meta-generator's images for the latent codes a task with (seed, member_index) starts from (k = 0), on CPU."
-        _pos_int("n_classes", n_classes); _pos_int("per_class", per_class)
+        check_int("n_classes", n_classes); check_int("per_class", per_class)
         z = _latent(seed, member_index, n_classes * per_class, self.cfg.z_dim).to(self.device)
         G = copy.deepcopy(self.generator).train()               # a copy: the BN running statistics stay as they are
         return generator_forward(G, z, self.cfg.fused).cpu()
@@ -240,25 +236,20 @@ def _teacher_logits(i: int, t: nn.Module, x: Tensor, n: int) -> Tensor:
                        "labels; pass n_classes <= its number of outputs")
     return logits
 
-def _five_batch(mg: MetaGenerator, teachers, n_classes, per_class, k, student, seed, member_indices, classes, update,
-                show_progress) -> list[RecoveredTask]:
-    cfg = mg.cfg
-    k = cfg.k if k is None else k
-    _pos_int("k", k); _pos_int("per_class", per_class)
+# %% ../nbs/04a_five.ipynb
+def _five_inputs(mg: MetaGenerator, teachers, n_classes, per_class, k, student, seed, member_indices, classes):
+    "Check a FIVE batch's arguments; return the teachers, n_classes, latent keys, member indices and class lists per teacher, and k."
+    k = check_int("k", mg.cfg.k if k is None else k); check_int("per_class", per_class)
     if isinstance(seed, bool) or not isinstance(seed, int): raise TGRError(f"seed must be an integer, got {seed!r}")
     if isinstance(teachers, nn.Module): teachers = [teachers]
     try: teachers = list(teachers)
     except TypeError: raise TGRError(f"teachers must be a list of nn.Modules, got {type(teachers).__name__}") from None
     if not teachers: raise TGRError("no teachers given: pass a list of pre-trained models (nn.Module)")
     b = len(teachers)
-    ns = _per_teacher("n_classes", n_classes, b)
-    for n in ns: _pos_int("n_classes", n)
-    if member_indices is None: keys, idx = list(range(b)), [None] * b
-    else:
-        idx = _per_teacher("member_indices", member_indices, b)
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in idx):
-            raise TGRError(f"member_indices must be integers (pool member indices), got {idx}")
-        keys = idx
+    ns = [check_int("n_classes", n) for n in _per_teacher("n_classes", n_classes, b)]
+    idx = [None] * b if member_indices is None else _per_teacher("member_indices", member_indices, b)
+    if member_indices is not None and any(isinstance(v, bool) or not isinstance(v, int) for v in idx):
+        raise TGRError(f"member_indices must be integers (pool member indices), got {idx}")
     cls = [None] * b if classes is None else list(classes)
     if len(cls) != b: raise TGRError(f"classes has {len(cls)} entries for {b} teachers: one list of class ids per teacher")
     for i, (c, n) in enumerate(zip(cls, ns)):
@@ -270,63 +261,67 @@ def _five_batch(mg: MetaGenerator, teachers, n_classes, per_class, k, student, s
         p = next(iter(student.parameters()), None)
         if p is not None and not _same_device(p.device, mg.device):
             raise TGRError(f"the student is on {p.device} but the meta-generator is on {mg.device}: move it there")
-    params = list(mg.generator.parameters())
-    meta_grad = [torch.zeros_like(p) for p in params] if update else None
-    tasks = []
-    for i in progress(range(b), desc="FIVE", disable=not show_progress):
-        t0, teacher, n = time.perf_counter(), teachers[i], ns[i]
-        n_bn = len(bn_layers(teacher)); use_bn = cfg.use_bn and n_bn > 0
-        if cfg.use_bn and not n_bn:
-            warnings.warn(f"teacher {i} ({type(teacher).__name__}) has no BatchNorm layers with running statistics: "
-                          "recovering it without L_BN", stacklevel=3)
-        fast = copy.deepcopy(mg.generator).train()                                   # line 4: clone the meta-generator
-        z = nn.Parameter(_latent(seed, keys[i], n * per_class, cfg.z_dim).to(mg.device))  # ... and sample Z
-        y = torch.arange(n, device=mg.device).repeat_interleave(per_class)
-        opt = OPTIMIZERS[cfg.inner_optimizer]([*fast.parameters(), z], cfg.inner_lr)
-        losses = {"total": [], "ce": [], "kl": [], "bn": [], "agree": []}; step_s = []
-        g_aug = make_generator(seed, keys[i], 13)             # the augmentation draws `recover_task` makes for this member
-        with eval_frozen(teacher), (BNStatHooks(teacher) if use_bn else nullcontext()) as hooks, \
-             (STUDENT_BN[cfg.student_bn](student) if student is not None else nullcontext()) as f_student:
-            for step in range(k + 1):
-                ts, last = time.perf_counter(), step == k
-                with torch.set_grad_enabled(not last or update):
-                    x = generator_forward(fast, z, cfg.fused)                             # line 6 at step k
-                    xa = random_augment(x, cfg.augment, g_aug)                            # x itself when augment='none'
-                    logits = _teacher_logits(i, teacher, xa, n)
-                    L = generator_loss(logits, y, None if f_student is None else f_student(xa),
-                                       hooks.pop() if use_bn else None, kl_weight=cfg.kl_weight, bn_weight=cfg.bn_weight)
-                    if use_bn: hooks.terms.clear()
-                v = L.values()
-                if not math.isfinite(v["total"]):
-                    raise TGRError(f"the FIVE loss became {v['total']} for teacher {i} at adaptation step {step}; lower "
-                                   f"inner_lr (now {cfg.inner_lr}) or bn_weight (now {cfg.bn_weight})")
-                for key in losses: losses[key].append(v[key])
-                if not last:                                                              # line 5: k inner steps
-                    opt.zero_grad(set_to_none=True); L.total.backward(); opt.step()
-                elif update:                                                              # line 7: grad of L_G^k at theta_G^i
-                    for acc, g in zip(meta_grad, torch.autograd.grad(L.total, list(fast.parameters()))): acc.add_(g)
-                step_s.append(time.perf_counter() - ts)
-        settings = dict(method="five", n_classes=n, per_class=per_class, k=k, img_size=mg.img_size, in_ch=mg.in_ch,
+    return teachers, ns, (list(range(b)) if member_indices is None else idx), idx, cls, k
+
+# %% ../nbs/04a_five.ipynb
+def _adapt(mg: MetaGenerator, i: int, teacher: nn.Module, n: int, key: int, per_class: int, k: int, student, seed: int,
+           meta_grad: list | None) -> tuple[Tensor, Tensor, InversionTrace, bool]:
+    "Lines 4-7 of Algorithm 1 for teacher i: clone the meta-generator, draw Z, k inner steps (notebook 04's loop), the meta-gradient."
+    cfg, n_bn = mg.cfg, len(bn_layers(teacher)); use_bn = cfg.use_bn and n_bn > 0
+    if cfg.use_bn and not n_bn:
+        warnings.warn(f"teacher {i} ({type(teacher).__name__}) has no BatchNorm layers with running statistics: "
+                      "recovering it without L_BN", stacklevel=4)
+    fast = copy.deepcopy(mg.generator).train()                                   # line 4: clone the meta-generator
+    z = nn.Parameter(_latent(seed, key, n * per_class, cfg.z_dim).to(mg.device))  # ... and sample Z
+    y = torch.arange(n, device=mg.device).repeat_interleave(per_class)
+    with eval_frozen(teacher), (BNStatHooks(teacher) if use_bn else nullcontext()) as hooks, \
+         (STUDENT_BN[cfg.student_bn](student) if student is not None else nullcontext()) as f_student:
+        def loss_fn(xa, step):                                                   # Eq. 1 (+ L_BN) on the augmented batch
+            L = generator_loss(_teacher_logits(i, teacher, xa, n), y, None if f_student is None else f_student(xa),
+                               hooks.pop() if use_bn else None, kl_weight=cfg.kl_weight, bn_weight=cfg.bn_weight)
+            if use_bn: hooks.terms.clear()
+            return L.total, L.values()
+        def meta_step(total):                                                    # line 7: grad of L_G^k at theta_G^i
+            for acc, g in zip(meta_grad, torch.autograd.grad(total, list(fast.parameters()))): acc.add_(g)
+        tr = inversion_loop(fast, z, loss_fn, k, OPTIMIZERS[cfg.inner_optimizer]([*fast.parameters(), z], cfg.inner_lr),
+                            augment=cfg.augment, g_aug=make_generator(seed, key, 13), fused=cfg.fused, then=meta_step,
+                            then_grad=meta_grad is not None, what=f"the FIVE loss of teacher {i}",
+                            fix=f"lower inner_lr (now {cfg.inner_lr}) or bn_weight (now {cfg.bn_weight})")
+    return tr.x.detach(), y, tr, use_bn
+
+# %% ../nbs/04a_five.ipynb
+def _meta_update(mg: MetaGenerator, meta_grad: list, tasks: list) -> None:
+    "Line 8 of Algorithm 1: one outer step of the meta-generator with the mean meta-gradient (its time shared among the tasks)."
+    for g in meta_grad: g.div_(len(tasks))
+    if not all(torch.isfinite(g).all() for g in meta_grad):
+        raise TGRError(f"the meta-gradient is not finite at meta-update {mg.n_updates + 1}; lower inner_lr "
+                       f"(now {mg.cfg.inner_lr}) or outer_lr (now {mg.cfg.outer_lr})")
+    t0, params = time.perf_counter(), list(mg.generator.parameters())
+    for p, g in zip(params, meta_grad): p.grad = g
+    mg.optimizer.step()
+    for p in params: p.grad = None
+    mg.n_updates += 1
+    for t in tasks: t.seconds += (time.perf_counter() - t0) / len(tasks)
+
+def _five_batch(mg: MetaGenerator, teachers, n_classes, per_class, k, student, seed, member_indices, classes, update,
+                show_progress) -> list[RecoveredTask]:
+    teachers, ns, keys, idx, cls, k = _five_inputs(mg, teachers, n_classes, per_class, k, student, seed, member_indices, classes)
+    meta_grad = [torch.zeros_like(p) for p in mg.generator.parameters()] if update else None
+    cfg, tasks = mg.cfg, []
+    for i in progress(range(len(teachers)), desc="FIVE", disable=not show_progress):
+        t0 = time.perf_counter()
+        x, y, tr, use_bn = _adapt(mg, i, teachers[i], ns[i], keys[i], per_class, k, student, seed, meta_grad)
+        settings = dict(method="five", n_classes=ns[i], per_class=per_class, k=k, img_size=mg.img_size, in_ch=mg.in_ch,
                         z_dim=cfg.z_dim, ngf=cfg.ngf, inner_optimizer=cfg.inner_optimizer, inner_lr=cfg.inner_lr,
                         use_bn=use_bn, bn_weight=cfg.bn_weight, kl_weight=cfg.kl_weight, student=student is not None,
                         student_bn=cfg.student_bn, seed=seed, fused=cfg.fused, augment=cfg.augment, meta_updates=mg.n_updates,
-                        meta_seed=mg.seed, bn_layers=n_bn)
-        tasks.append(RecoveredTask(x.detach().contiguous().cpu(), y.cpu(), idx[i], None if cls[i] is None else
-                                   [int(c) for c in cls[i]], losses, k, time.perf_counter() - t0, step_s, settings))
-        del fast, opt, z, x, L
-    if update:                                                                            # line 8: the outer step
-        for g in meta_grad: g.div_(b)
-        if not all(torch.isfinite(g).all() for g in meta_grad):
-            raise TGRError(f"the meta-gradient is not finite at meta-update {mg.n_updates + 1}; lower inner_lr "
-                           f"(now {cfg.inner_lr}) or outer_lr (now {cfg.outer_lr})")
-        t0 = time.perf_counter()
-        for p, g in zip(params, meta_grad): p.grad = g
-        mg.optimizer.step()
-        for p in params: p.grad = None
-        mg.n_updates += 1
-        for t in tasks: t.seconds += (time.perf_counter() - t0) / b
+                        meta_seed=mg.seed, bn_layers=len(bn_layers(teachers[i])))
+        tasks.append(RecoveredTask(x.contiguous().cpu(), y.cpu(), idx[i], None if cls[i] is None else [int(c) for c in cls[i]],
+                                   tr.losses, k, time.perf_counter() - t0, tr.step_seconds, settings))
+    if update: _meta_update(mg, meta_grad, tasks)
     return tasks
 
+# %% ../nbs/04a_five.ipynb
 def five_recover(meta_gen: MetaGenerator, teachers: Sequence[nn.Module] | nn.Module, n_classes: int | Sequence[int],
                  per_class: int = 30, k: int | None = None, student: nn.Module | None = None, seed: int = 0,
                  member_indices: Sequence[int] | None = None, classes: Sequence[Sequence[int]] | None = None,

@@ -6,11 +6,9 @@
 from __future__ import annotations
 import time, warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 from torch import Tensor
 from sklearn.cluster import SpectralClustering
 from sklearn.manifold import spectral_embedding

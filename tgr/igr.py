@@ -4,21 +4,20 @@
 
 # %% ../nbs/07_igr.ipynb 4
 from __future__ import annotations
-import math
 from dataclasses import dataclass
-from numbers import Real
 from typing import Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.func import functional_call, grad, grad_and_value
 
-from .core import TGRError
+from .core import TGRError, check_number
 
 # %% auto 0
 __all__ = ['Params', 'LossFn', 'GradStats', 'task_gradients', 'gradient_stats', 'erm_gradient', 'gradient_variance',
            'gradient_cosine', 'igr_gradient', 'regularized_gradient', 'ModuleTaskLoss', 'module_loss_fns', 'erm_step',
-           'igr_step']
+           'igr_step', 'logistic_tasks', 'mlp', 'mlp_tasks', 'conflicting_tasks']
 
 # %% ../nbs/07_igr.ipynb
 Params = dict[str, Tensor]
@@ -48,12 +47,7 @@ def _check_loss_fns(loss_fns) -> list:
         if not callable(f): raise TGRError(f"loss_fns[{i}] is a {type(f).__name__}, not a callable params -> scalar loss")
     return fns
 
-def _check_beta(beta) -> float:
-    "`beta` as a float, after checking it is a finite number >= 0."
-    if isinstance(beta, Tensor) and beta.numel() == 1: beta = beta.item()
-    if isinstance(beta, bool) or not isinstance(beta, Real) or not math.isfinite(beta) or beta < 0:
-        raise TGRError(f"beta must be a finite number >= 0 (the paper uses beta=0.001), got {beta!r}")
-    return float(beta)
+def _check_beta(beta) -> float: return check_number("beta", beta, hint="the paper uses beta=0.001")
 
 def _scalar_loss(f: Callable, i: int) -> Callable:
     "Wrap task `i`'s loss so that anything but a one-element floating tensor is a TGRError naming the task."
@@ -217,3 +211,40 @@ def igr_step(model: nn.Module, tasks: Sequence, loss: Callable, beta: float, upd
     st = _stats(grads, losses)
     _accumulate(trainable, st.erm if beta == 0 else _igr_second_pass(fns, params, grads, st.erm, beta))
     return st
+
+# %% ../nbs/07_igr.ipynb
+_f64 = torch.float64
+
+def logistic_tasks(m: int = 3, d: int = 5, n: int = 40, seed: int = 0) -> tuple[list, dict]:
+    "m logistic regressions on their own random data: (loss functions params -> scalar, float64 start params)."
+    g = torch.Generator().manual_seed(seed); fns = []
+    for i in range(m):
+        X, w = torch.randn(n, d, generator=g, dtype=_f64), 2 * torch.randn(d, generator=g, dtype=_f64)
+        y = (X @ w + 0.5 * torch.randn(n, generator=g, dtype=_f64) > 0).to(_f64)
+        fns.append(lambda p, X=X, y=y: F.binary_cross_entropy_with_logits(X @ p["w"] + p["b"], y))
+    return fns, {"w": 0.5 * torch.randn(d, generator=g, dtype=_f64), "b": torch.zeros((), dtype=_f64)}
+
+def mlp(p: dict, X: Tensor) -> Tensor: return torch.tanh(X @ p["W1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+def _mlp_params(g, d: int, h: int) -> dict:
+    return {"W1": torch.randn(d, h, generator=g, dtype=_f64) / d ** 0.5, "b1": torch.zeros(h, dtype=_f64),
+            "w2": torch.randn(h, generator=g, dtype=_f64) / h ** 0.5, "b2": torch.zeros((), dtype=_f64)}
+
+# %% ../nbs/07_igr.ipynb
+def mlp_tasks(m: int = 3, d: int = 3, h: int = 8, n: int = 30, seed: int = 1, shift: float = 0.1) -> tuple[list, dict]:
+    "m regressions of sin(X a) (+ shift * i) by one tanh MLP: non-convex losses with a shared start."
+    g = torch.Generator().manual_seed(seed); fns = []
+    for i in range(m):
+        X, a = torch.randn(n, d, generator=g, dtype=_f64), torch.randn(d, generator=g, dtype=_f64)
+        y = torch.sin(X @ a) + shift * i
+        fns.append(lambda p, X=X, y=y: ((mlp(p, X) - y) ** 2).mean())
+    return fns, _mlp_params(g, d, h)
+
+def conflicting_tasks(m: int = 2, d: int = 2, h: int = 16, n: int = 40, seed: int = 0) -> tuple[list, dict]:
+    "m MLP regressions with unrelated targets: tasks whose gradients disagree, for the variance and cosine checks."
+    g = torch.Generator().manual_seed(seed); fns = []
+    for i in range(m):
+        X, a = torch.randn(n, d, generator=g, dtype=_f64), 1.5 * torch.randn(d, generator=g, dtype=_f64)
+        y = torch.sin(X @ a)
+        fns.append(lambda p, X=X, y=y: ((mlp(p, X) - y) ** 2).mean())
+    return fns, _mlp_params(g, d, h)

@@ -8,22 +8,22 @@ import copy, hashlib, math, time, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .core import (TGRError, config_hash, make_generator, save_artifact, load_artifact, is_valid_artifact,
+from .core import (TGRError, check_int, check_number, config_hash, make_generator, save_artifact, load_artifact, is_valid_artifact,
                       get_device, progress, cache_dir)
 from .models import Generator
 
 # %% auto 0
 __all__ = ['AUGMENTATIONS', 'INVERSION_PRESETS', 'eval_frozen', 'bn_layers', 'BNStatHooks', 'upsample_conv_as_transpose',
-           'generator_forward', 'random_augment', 'default_augment', 'RecoveredTask', 'recover_task', 'InversionConfig',
-           'inversion_config', 'member_fingerprint', 'pool_fingerprint', 'task_key', 'recover_member',
-           'recover_pool_tasks', 'benchmark_recovery']
+           'generator_forward', 'random_augment', 'default_augment', 'InversionTrace', 'inversion_loop',
+           'RecoveredTask', 'InversionConfig', 'inversion_config', 'recover_task', 'member_fingerprint',
+           'pool_fingerprint', 'task_key', 'recover_member', 'recover_pool_tasks', 'benchmark_recovery']
 
 # %% ../nbs/04_inversion.ipynb
 @contextmanager
@@ -117,6 +117,37 @@ def default_augment(benchmark: str) -> str:
 
 # %% ../nbs/04_inversion.ipynb
 @dataclass
+class InversionTrace:
+    "What `inversion_loop` leaves: the loss terms per step, seconds per step, the best (lowest total) images and the last ones."
+    losses: dict = field(default_factory=dict)
+    step_seconds: list = field(default_factory=list)
+    best: float = float("inf")
+    best_x: Tensor | None = None
+    best_step: int = -1
+    x: Tensor | None = None
+
+def inversion_loop(G: nn.Module, z: Tensor, loss_fn: Callable, steps: int, opt: torch.optim.Optimizer, *, augment: str = "none",
+                   g_aug: torch.Generator | None = None, fused: bool = True, then: Callable | None = None,
+                   then_grad: bool = True, what: str = "the inversion loss", fix: str = "lower the learning rate",
+                   show_progress: bool = False) -> InversionTrace:
+    "`steps` optimiser steps on generator `G` and codes `z` against `loss_fn(x_aug, step) -> (total, {term: float})`."
+    tr = InversionTrace()
+    for step in progress(range(steps + (then is not None)), desc="recover", disable=not show_progress):
+        ts, last = time.perf_counter(), step == steps
+        with torch.set_grad_enabled(not last or then_grad):
+            x = generator_forward(G, z, fused)
+            total, terms = loss_fn(random_augment(x, augment, g_aug), step)
+        if not math.isfinite(terms["total"]): raise TGRError(f"{what} became {terms['total']} at step {step}; {fix}")
+        for k, v in terms.items(): tr.losses.setdefault(k, []).append(v)
+        if terms["total"] < tr.best: tr.best, tr.best_x, tr.best_step = terms["total"], x.detach(), step
+        if not last: opt.zero_grad(set_to_none=True); total.backward(); opt.step()
+        elif then_grad: then(total)
+        tr.step_seconds.append(time.perf_counter() - ts)
+    tr.x = x
+    return tr
+
+# %% ../nbs/04_inversion.ipynb
+@dataclass
 class RecoveredTask:
     "A synthetic task recovered from one teacher: images `x` in [0, 1] and hard labels `y` (0..n_classes-1). Unpacks as `(x, y)`."
     x: Tensor
@@ -135,81 +166,6 @@ class RecoveredTask:
     def to_dict(self) -> dict: return {f.name: getattr(self, f.name) for f in fields(self)}
     @classmethod
     def from_dict(cls, d: dict) -> "RecoveredTask": return cls(**d)
-
-def _check_pos_int(**kw):
-    for k, v in kw.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise TGRError(f"{k} must be a positive integer, got {v!r}")
-
-def recover_task(teacher: nn.Module, n_classes: int, per_class: int = 30, steps: int = 200, img_size: int = 32,
-                 in_ch: int = 3, *, lr: float = 1e-3, z_dim: int = 256, ngf: int = 64, use_ce: bool = True,
-                 use_bn: bool = True, bn_weight: float = 1.0, seed: int = 0, member_index: int | None = None,
-                 classes: Sequence[int] | None = None, fused: bool = True, device=None,
-                 show_progress: bool = False, generator: nn.Module | None = None, augment: str = "none") -> RecoveredTask:
-    """Recover a synthetic task from `teacher`: optimise a Table 7 generator and its latent codes with Adam on
-    L_CE + bn_weight * L_BN (Eqs. 2-4) and return the images of the step with the lowest loss, with their labels.
-    `generator`: start from a deep copy of this module (e.g. a meta-generator, notebook 04a; the caller's module is
-    never modified) instead of a freshly initialised one; its z_dim is used and z is still drawn from the seed.
-    `augment`: the teacher sees every generator batch through `random_augment` with this mode (the kept images are not augmented)."""
-    _check_pos_int(n_classes=n_classes, per_class=per_class, steps=steps, img_size=img_size, in_ch=in_ch)
-    if not isinstance(teacher, nn.Module): raise TGRError(f"teacher must be a torch nn.Module, got {type(teacher).__name__}")
-    if not (use_ce or use_bn): raise TGRError("use_ce and use_bn are both False: keep at least one loss term of Eq. 2")
-    if not lr > 0: raise TGRError(f"lr must be positive, got {lr}")
-    device = get_device(device)
-    n_bn = len(bn_layers(teacher))
-    if use_bn and n_bn == 0:
-        if not use_ce: raise TGRError("use_ce=False and the teacher has no BatchNorm layers: no loss term is left to optimise")
-        warnings.warn(f"the teacher ({type(teacher).__name__}) has no BatchNorm layers with running statistics, so L_BN "
-                      "(Eq. 4) cannot be computed: recovering with L_CE only", stacklevel=2)
-        use_bn = False
-    if generator is not None:
-        if not isinstance(generator, nn.Module):
-            raise TGRError(f"generator must be a torch nn.Module mapping latent codes to images, got {type(generator).__name__}")
-        z_dim, ngf = getattr(generator, "z_dim", z_dim), getattr(generator, "ngf", ngf)
-        gshape = (getattr(generator, "out_ch", in_ch), getattr(generator, "img_size", img_size))
-        if gshape != (in_ch, img_size):
-            raise TGRError(f"the given generator makes {gshape[0]}-channel {gshape[1]} px images but in_ch={in_ch}, "
-                           f"img_size={img_size} were asked for; pass a generator built for the teacher's input")
-    g = make_generator(seed, -1 if member_index is None else member_index)
-    seed_G = int(torch.randint(2**62, (1,), generator=g))          # drawn either way: z is the same with or without `generator`
-    if generator is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed_G)
-            G = Generator(z_dim, ngf, img_size, in_ch)
-    else: G = copy.deepcopy(generator)
-    z = torch.randn(n_classes * per_class, z_dim, generator=g)
-    if augment not in AUGMENTATIONS: raise TGRError(f"unknown augmentation {augment!r}; choose one of {AUGMENTATIONS}")
-    g_aug = make_generator(seed, -1 if member_index is None else member_index, 13)
-    G, z = G.to(device).train(), nn.Parameter(z.to(device))
-    y = torch.arange(n_classes, device=device).repeat_interleave(per_class)
-    opt = torch.optim.Adam([*G.parameters(), z], lr=lr)
-    losses = {"total": [], "ce": [], "bn": []}
-    best, best_x, best_step, step_s = float("inf"), None, -1, []
-    t0 = time.perf_counter()
-    with eval_frozen(teacher), BNStatHooks(teacher) as hooks:
-        for step in progress(range(steps), desc="recover", disable=not show_progress):
-            ts = time.perf_counter()
-            x = generator_forward(G, z, fused)
-            logits = teacher(random_augment(x, augment, g_aug))
-            if step == 0 and (logits.dim() != 2 or logits.shape[1] < n_classes):
-                raise TGRError(f"the teacher returns logits of shape {tuple(logits.shape)}, which cannot index "
-                               f"n_classes={n_classes} labels; pass n_classes <= its number of outputs")
-            l_ce = F.cross_entropy(logits, y) if use_ce else logits.new_zeros(())
-            l_bn = hooks.pop() if use_bn else logits.new_zeros(())
-            hooks.terms.clear()
-            loss = l_ce + bn_weight * l_bn
-            lv = loss.item()
-            if lv != lv or lv in (float("inf"), float("-inf")):
-                raise TGRError(f"the inversion loss became {lv} at step {step}; lower lr (now {lr}) or bn_weight (now {bn_weight})")
-            losses["total"].append(lv); losses["ce"].append(l_ce.item()); losses["bn"].append(l_bn.item())
-            if lv < best: best, best_x, best_step = lv, x.detach(), step
-            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-            step_s.append(time.perf_counter() - ts)
-    settings = dict(n_classes=n_classes, per_class=per_class, steps=steps, img_size=img_size, in_ch=in_ch, lr=lr,
-                    z_dim=z_dim, ngf=ngf, use_ce=use_ce, use_bn=use_bn, bn_weight=bn_weight, seed=seed, fused=fused,
-                    bn_layers=n_bn, start="fresh" if generator is None else "given generator", augment=augment)
-    return RecoveredTask(best_x.contiguous().cpu(), y.cpu(), member_index,
-                         None if classes is None else [int(c) for c in classes], losses, best_step,
-                         time.perf_counter() - t0, step_s, settings)
 
 # %% ../nbs/04_inversion.ipynb
 @dataclass(frozen=True)
@@ -243,8 +199,76 @@ def inversion_config(cfg: InversionConfig | str | dict | None = None, **override
         cfg = InversionConfig(**cfg)
     elif not isinstance(cfg, InversionConfig):
         raise TGRError(f"expected an InversionConfig, a preset name or a dict, got {type(cfg).__name__}")
+    bad = sorted(set(overrides) - {f.name for f in fields(InversionConfig)})
+    if bad: raise TGRError(f"unknown inversion setting(s) {bad}; allowed: {[f.name for f in fields(InversionConfig)]}")
     return replace(cfg, **overrides) if overrides else cfg
 
+# %% ../nbs/04_inversion.ipynb
+def _check_recovery(teacher, n_classes: int, cfg: InversionConfig, img_size: int, in_ch: int, generator) -> bool:
+    "Check the arguments of `recover_task`; return whether L_BN can be used (False, with a warning, for a teacher without BN)."
+    for k, v in dict(n_classes=n_classes, per_class=cfg.per_class, steps=cfg.steps, img_size=img_size, in_ch=in_ch).items(): check_int(k, v)
+    if not isinstance(teacher, nn.Module): raise TGRError(f"teacher must be a torch nn.Module, got {type(teacher).__name__}")
+    if not (cfg.use_ce or cfg.use_bn): raise TGRError("use_ce and use_bn are both False: keep at least one loss term of Eq. 2")
+    check_number("lr", cfg.lr, strict=True)
+    if cfg.augment not in AUGMENTATIONS: raise TGRError(f"unknown augmentation {cfg.augment!r}; choose one of {AUGMENTATIONS}")
+    if generator is not None:
+        if not isinstance(generator, nn.Module):
+            raise TGRError(f"generator must be a torch nn.Module mapping latent codes to images, got {type(generator).__name__}")
+        gshape = (getattr(generator, "out_ch", in_ch), getattr(generator, "img_size", img_size))
+        if gshape != (in_ch, img_size):
+            raise TGRError(f"the given generator makes {gshape[0]}-channel {gshape[1]} px images but in_ch={in_ch}, "
+                           f"img_size={img_size} were asked for; pass a generator built for the teacher's input")
+    if not cfg.use_bn or bn_layers(teacher): return cfg.use_bn
+    if not cfg.use_ce: raise TGRError("use_ce=False and the teacher has no BatchNorm layers: no loss term is left to optimise")
+    warnings.warn(f"the teacher ({type(teacher).__name__}) has no BatchNorm layers with running statistics, so L_BN "
+                  "(Eq. 4) cannot be computed: recovering with L_CE only", stacklevel=3)
+    return False
+
+# %% ../nbs/04_inversion.ipynb
+def _start(cfg: InversionConfig, key: int, n: int, img_size: int, in_ch: int, generator) -> tuple[nn.Module, Tensor, int, int]:
+    "The generator (fresh from the seed, or a copy of `generator`), n latent codes, and the z_dim and ngf used."
+    z_dim, ngf = (cfg.z_dim, cfg.ngf) if generator is None else (getattr(generator, "z_dim", cfg.z_dim), getattr(generator, "ngf", cfg.ngf))
+    g = make_generator(cfg.seed, key)
+    seed_G = int(torch.randint(2**62, (1,), generator=g))          # drawn either way: z is the same with or without `generator`
+    if generator is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed_G); G = Generator(z_dim, ngf, img_size, in_ch)
+    else: G = copy.deepcopy(generator)
+    return G, torch.randn(n, z_dim, generator=g), z_dim, ngf
+
+def recover_task(teacher: nn.Module, n_classes: int, cfg: InversionConfig | str | dict | None = None, *, img_size: int = 32,
+                 in_ch: int = 3, member_index: int | None = None, classes: Sequence[int] | None = None, fused: bool = True,
+                 device=None, show_progress: bool = False, generator: nn.Module | None = None, **settings) -> RecoveredTask:
+    """Recover a synthetic task from `teacher`: optimise a Table 7 generator and its latent codes with Adam on
+    L_CE + bn_weight * L_BN (Eqs. 2-4) and return the images of the step with the lowest loss, with their labels.
+    `cfg` (and `settings`, e.g. `steps=30`): an `InversionConfig`. `generator`: start from a deep copy of this module
+    (e.g. a meta-generator, notebook 04a; the caller's module is never modified); z is still drawn from the seed."""
+    cfg = inversion_config(cfg, **settings)
+    use_bn, device, key = _check_recovery(teacher, n_classes, cfg, img_size, in_ch, generator), get_device(device), -1 if member_index is None else member_index
+    G, z, z_dim, ngf = _start(cfg, key, n_classes * cfg.per_class, img_size, in_ch, generator)
+    G, z = G.to(device).train(), nn.Parameter(z.to(device))
+    y = torch.arange(n_classes, device=device).repeat_interleave(cfg.per_class)
+    t0 = time.perf_counter()
+    with eval_frozen(teacher), BNStatHooks(teacher) as hooks:
+        def loss_fn(x, step):
+            logits = teacher(x)
+            if step == 0 and (logits.dim() != 2 or logits.shape[1] < n_classes):
+                raise TGRError(f"the teacher returns logits of shape {tuple(logits.shape)}, which cannot index "
+                               f"n_classes={n_classes} labels; pass n_classes <= its number of outputs")
+            l_ce = F.cross_entropy(logits, y) if cfg.use_ce else logits.new_zeros(())
+            l_bn = hooks.pop() if use_bn else logits.new_zeros(()); hooks.terms.clear()
+            total = l_ce + cfg.bn_weight * l_bn
+            return total, {"total": total.item(), "ce": l_ce.item(), "bn": l_bn.item()}
+        tr = inversion_loop(G, z, loss_fn, cfg.steps, torch.optim.Adam([*G.parameters(), z], lr=cfg.lr), augment=cfg.augment,
+                            g_aug=make_generator(cfg.seed, key, 13), fused=fused, show_progress=show_progress,
+                            fix=f"lower lr (now {cfg.lr}) or bn_weight (now {cfg.bn_weight})")
+    made = dict(n_classes=n_classes, per_class=cfg.per_class, steps=cfg.steps, img_size=img_size, in_ch=in_ch, lr=cfg.lr, z_dim=z_dim,
+                ngf=ngf, use_ce=cfg.use_ce, use_bn=use_bn, bn_weight=cfg.bn_weight, seed=cfg.seed, fused=fused,
+                bn_layers=len(bn_layers(teacher)), start="fresh" if generator is None else "given generator", augment=cfg.augment)
+    return RecoveredTask(tr.best_x.contiguous().cpu(), y.cpu(), member_index, None if classes is None else [int(c) for c in classes],
+                         tr.losses, tr.best_step, time.perf_counter() - t0, tr.step_seconds, made)
+
+# %% ../nbs/04_inversion.ipynb
 def member_fingerprint(member) -> str:
     "Content hash of a pool member (architecture, classes, input shape, every weight): its identity in cache keys."
     h = hashlib.sha256(repr((member.arch, [int(c) for c in member.classes], member.img_size, member.in_ch)).encode())
@@ -263,10 +287,8 @@ def task_key(member, cfg: InversionConfig) -> str:
 def recover_member(member, cfg: InversionConfig | str | None = None, device=None, show_progress: bool = False) -> RecoveredTask:
     "Recover the task of one `PoolMember` with the settings `cfg` (no caching)."
     cfg = inversion_config(cfg)
-    return recover_task(member.model(device), member.n_classes, cfg.per_class, cfg.steps, member.img_size, member.in_ch,
-                        lr=cfg.lr, z_dim=cfg.z_dim, ngf=cfg.ngf, use_ce=cfg.use_ce, use_bn=cfg.use_bn,
-                        bn_weight=cfg.bn_weight, seed=cfg.seed, member_index=member.index, classes=member.classes,
-                        device=device, show_progress=show_progress, augment=cfg.augment)
+    return recover_task(member.model(device), member.n_classes, cfg, img_size=member.img_size, in_ch=member.in_ch,
+                        member_index=member.index, classes=member.classes, device=device, show_progress=show_progress)
 
 def recover_pool_tasks(pool, cfg: InversionConfig | str | None = None, members: Sequence[int] | None = None,
                        out_dir: str | Path | None = None, cache: bool = True, device=None,
@@ -299,7 +321,7 @@ def benchmark_recovery(arch: str = "conv4", n_classes: int = 5, per_class: int =
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     teacher = build_model(arch, n_classes, img_size)
     c0 = time.process_time()
-    t = recover_task(teacher, n_classes, per_class, steps, img_size, ngf=ngf, fused=fused, seed=seed)
+    t = recover_task(teacher, n_classes, per_class=per_class, steps=steps, img_size=img_size, ngf=ngf, fused=fused, seed=seed)
     cpu = time.process_time() - c0
     st = t.step_seconds[1:] or t.step_seconds
     return dict(arch=arch, images=len(t), steps=steps, ngf=ngf, fused=fused, threads=torch.get_num_threads(),

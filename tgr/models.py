@@ -7,14 +7,13 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from numbers import Integral
 from typing import Callable
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .core import TGRError
+from .core import TGRError, check_int
 
 # %% auto 0
 __all__ = ['MIN_IMG_SIZE', 'STEMS', 'SMALL_STEM_BELOW', 'RESNET_LAYOUTS', 'MODELS', 'conv_block', 'Conv4', 'small_stem',
@@ -24,11 +23,7 @@ __all__ = ['MIN_IMG_SIZE', 'STEMS', 'SMALL_STEM_BELOW', 'RESNET_LAYOUTS', 'MODEL
 # %% ../nbs/02_models.ipynb
 MIN_IMG_SIZE = 16
 
-def _check_int(name: str, value, lo: int, fix: str = "") -> int:
-    "`value` as an int, or a `TGRError` saying that `name` must be an integer >= `lo`."
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < lo:
-        raise TGRError(f"{name} must be an integer >= {lo}, got {value!r}" + (f"; {fix}" if fix else ""))
-    return int(value)
+
 
 # %% ../nbs/02_models.ipynb
 def conv_block(in_ch: int, out_ch: int = 32) -> nn.Sequential:
@@ -153,10 +148,10 @@ def build_model(arch: str, n_classes: int, img_size: int, in_ch: int = 3, stem: 
     if not isinstance(arch, str) or arch.lower() not in MODELS:
         raise TGRError(f"unknown architecture {arch!r}; choose one of {list(MODELS)}")
     arch = arch.lower()
-    n_classes = _check_int("n_classes", n_classes, 1, "pass the number of classes the head should predict, e.g. 5 for 5-way tasks")
-    img_size = _check_int("img_size", img_size, MIN_IMG_SIZE,
+    n_classes = check_int("n_classes", n_classes, 1, "pass the number of classes the head should predict, e.g. 5 for 5-way tasks")
+    img_size = check_int("img_size", img_size, MIN_IMG_SIZE,
                           f"any square size >= {MIN_IMG_SIZE} px works (32 for CIFAR-FS and the glyph benchmark, 84 for miniImageNet and CUB)")
-    in_ch = _check_int("in_ch", in_ch, 1, "use 3 for RGB images, 1 for grey-scale")
+    in_ch = check_int("in_ch", in_ch, 1, "use 3 for RGB images, 1 for grey-scale")
     encoder, feat_dim, stem = MODELS[arch].build(img_size, in_ch, stem)
     return Classifier(encoder, feat_dim, n_classes, arch, img_size, in_ch, stem)
 
@@ -169,11 +164,11 @@ class Generator(nn.Module):
     "Task-recovery generator of the paper's Table 7: z (B, z_dim) -> images (B, out_ch, img_size, img_size) in (0, 1)."
     def __init__(self, z_dim: int = 256, ngf: int = 64, img_size: int = 32, out_ch: int = 3):
         super().__init__()
-        self.z_dim = _check_int("z_dim", z_dim, 1, "the paper uses 256")
-        self.ngf = _check_int("ngf", ngf, 1, "the paper uses 64 filters")
-        self.img_size = _check_int("img_size", img_size, MIN_IMG_SIZE,
+        self.z_dim = check_int("z_dim", z_dim, 1, "the paper uses 256")
+        self.ngf = check_int("ngf", ngf, 1, "the paper uses 64 filters")
+        self.img_size = check_int("img_size", img_size, MIN_IMG_SIZE,
                                    f"any square size >= {MIN_IMG_SIZE} px works; 32 and 84 follow Table 7 exactly")
-        self.out_ch = _check_int("out_ch", out_ch, 1, "use 3 for RGB images, 1 for grey-scale")
+        self.out_ch = check_int("out_ch", out_ch, 1, "use 3 for RGB images, 1 for grey-scale")
         self.init_size = math.ceil(img_size / 4)
         self.fc = nn.Linear(z_dim, 2 * ngf * self.init_size ** 2)
         self.body = nn.Sequential(OrderedDict(

@@ -15,13 +15,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import (TGRError, ArtifactError, config_hash, make_rng, save_artifact, load_artifact, is_valid_artifact,
-                      save_json, load_json, get_device, progress, cache_dir, peak_memory_mb)
+from .core import (TGRError, check_int, config_hash, make_rng, save_artifact, load_artifact, is_valid_artifact,
+                      save_json, load_json, get_device, progress, cache_dir)
 from .data import FewShotDataset, load_benchmark
 from .models import build_model, MODELS
 
 # %% auto 0
-__all__ = ['CLASS_SAMPLERS', 'PoolConfig', 'PoolMember', 'Pool', 'pool_dir', 'build_pool', 'load_pool', 'designed_pool']
+__all__ = ['CLASS_SAMPLERS', 'PoolConfig', 'PoolMember', 'member_split', 'heldout_images', 'Pool', 'pool_dir', 'build_pool',
+           'load_pool', 'designed_pool']
 
 # %% ../nbs/03_pool.ipynb
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class PoolConfig:
         bad = [a for a in archs if a not in MODELS]
         if bad or not archs: raise TGRError(f"unknown architecture(s) {bad or archs}; choose from {sorted(MODELS)}")
         for k in ("n_models", "way", "epochs", "batch_size"):
-            if int(getattr(self, k)) < 1: raise TGRError(f"pool {k} must be at least 1, got {getattr(self, k)}")
+            check_int(f"pool {k}", getattr(self, k))
         if not 0 < self.heldout_frac < 1: raise TGRError(f"heldout_frac must be in (0, 1), got {self.heldout_frac}")
         if self.lr <= 0: raise TGRError(f"lr must be positive, got {self.lr}")
         if self.class_sampling not in CLASS_SAMPLERS:
@@ -102,8 +103,10 @@ class PoolMember:
     def to_dict(self) -> dict: return asdict(self)
 
 # %% ../nbs/03_pool.ipynb
-def _train_member(ds: FewShotDataset, cfg: PoolConfig, i: int, device) -> PoolMember:
-    rng = make_rng(cfg.seed, i)
+def member_split(ds: FewShotDataset, cfg: PoolConfig, i: int, rng=None) -> tuple[str, list[int], list, list]:
+    """Member i's architecture, classes, and train and held-out `(image index, local label)` pairs, drawn from
+    `(cfg.seed, i)` exactly as `build_pool` draws them (pass `rng` to keep drawing from the same stream)."""
+    rng = make_rng(cfg.seed, i) if rng is None else rng
     archs = (cfg.archs,) if isinstance(cfg.archs, str) else tuple(cfg.archs)
     arch = archs[rng.integers(len(archs))]
     classes = CLASS_SAMPLERS[cfg.class_sampling](ds, cfg.way, rng)
@@ -112,6 +115,20 @@ def _train_member(ds: FewShotDataset, cfg: PoolConfig, i: int, device) -> PoolMe
         idx = ds.indices_of(c)[torch.from_numpy(rng.permutation(len(ds.indices_of(c))))]
         n_ho = max(1, int(round(cfg.heldout_frac * len(idx))))
         ho += [(j, k) for j in idx[:n_ho].tolist()]; tr += [(j, k) for j in idx[n_ho:].tolist()]
+    return arch, classes, tr, ho
+
+def heldout_images(member, cfg: PoolConfig, ds: FewShotDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    "The held-out images of a pool member (never trained on) and their local labels: what its `heldout_acc` was measured on."
+    _, classes, _, ho = member_split(ds, cfg, member.index)
+    if list(classes) != list(member.classes):
+        raise TGRError(f"member {member.index} has classes {member.classes}, but cfg draws {classes} for it: pass the pool's own config")
+    idx, lab = zip(*ho)
+    return ds.get(list(idx))[0], torch.tensor(lab)
+
+# %% ../nbs/03_pool.ipynb
+def _train_member(ds: FewShotDataset, cfg: PoolConfig, i: int, device) -> PoolMember:
+    rng = make_rng(cfg.seed, i)
+    arch, classes, tr, ho = member_split(ds, cfg, i, rng)
     (tr_idx, tr_y), (ho_idx, ho_y) = [list(zip(*s)) for s in (tr, ho)]
     xtr, xho = ds.get(tr_idx)[0], ds.get(ho_idx)[0]
     if cfg.img_size and cfg.img_size != ds.img_size:

@@ -4,9 +4,9 @@
 
 # %% ../nbs/08_replay.ipynb 3
 from __future__ import annotations
-import copy, math, weakref
+import copy, weakref
 from dataclasses import dataclass, field
-from numbers import Integral, Real
+from numbers import Integral
 from types import SimpleNamespace
 from typing import Any, Iterable, Sequence
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.func import functional_call, grad, vmap
 
-from .core import TGRError
+from .core import TGRError, check_int, check_number
 
 # %% auto 0
 __all__ = ['Params', 'REPLAY_SOURCES', 'TaskLike', 'Task', 'StoredTask', 'MemoryBank', 'image_style', 'style_separability',
@@ -64,11 +64,6 @@ class StoredTask:
     def count(self, k: int) -> int: return len(self.index[k])
 
 # %% ../nbs/08_replay.ipynb
-def _check_int_arg(name: str, value, lo: int, hint: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < lo:
-        raise TGRError(f"{name} must be an integer >= {lo}, got {value!r}" + (f"; {hint}" if hint else ""))
-    return int(value)
-
 def _randperm(n: int, generator) -> Tensor:
     "A random permutation of 0..n-1 from a torch or NumPy generator (None: torch's global generator)."
     if generator is None: return torch.randperm(n)
@@ -120,7 +115,7 @@ REPLAY_SOURCES = ("across", "within")
 class MemoryBank:
     "FIFO store of the most recent `capacity` recovered tasks, from which interpolated tasks are drawn (cross-task replay)."
     def __init__(self, capacity: int = 20):
-        self.capacity = _check_int_arg("capacity", capacity, 1, "the paper keeps 20 tasks")
+        self.capacity = check_int("capacity", capacity, 1, "the paper keeps 20 tasks")
         self.tasks: list[StoredTask] = []
         self.n_added = 0                         # tasks ever added: the next task's uid
 
@@ -150,8 +145,8 @@ class MemoryBank:
                source: str = "across") -> Task:
         """A `way`-way `shot`-shot task with `query` queries per class: interpolated across the stored tasks (`source='across'`,
         the paper's), or all classes from one stored task drawn at random (`source='within'`)."""
-        way, shot = _check_int_arg("way", way, 1), _check_int_arg("shot", shot, 1)
-        query, need = _check_int_arg("query", query, 1), shot + query
+        way, shot = check_int("way", way, 1), check_int("shot", shot, 1)
+        query, need = check_int("query", query, 1), shot + query
         if source not in REPLAY_SOURCES: raise TGRError(f"source must be one of {REPLAY_SOURCES}, got {source!r}")
         pairs = [(i, k) for i, t in enumerate(self.tasks) for k in range(len(t.classes)) if t.count(k) >= need]
         if source == "within":                           # one stored task that can fill the task; its pairs only
@@ -183,7 +178,7 @@ class MemoryBank:
     def sample_tasks(self, n: int, way: int = 5, shot: int = 1, query: int = 15, generator=None,
                      distinct_tasks: bool = True, source: str = "across") -> list[Task]:
         "`n` tasks drawn by `sample` (equal shapes, so `maml_loss` can batch them)."
-        return [self.sample(way, shot, query, generator, distinct_tasks, source) for _ in range(_check_int_arg("n", n, 1))]
+        return [self.sample(way, shot, query, generator, distinct_tasks, source) for _ in range(check_int("n", n, 1))]
 
     def state_dict(self) -> dict:
         "Everything needed to rebuild the bank: capacity, the arrival counter and the stored tasks (tensors are never modified in place)."
@@ -313,9 +308,8 @@ def _task_tensors(t: Any, i: int) -> tuple[Tensor, ...]:
 
 def _check_maml_args(model, tasks, inner_steps, inner_lr) -> list[tuple[Tensor, ...]]:
     if not isinstance(model, nn.Module): raise TGRError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_int_arg("inner_steps", inner_steps, 0, "the paper uses 5 in training and 10 at meta-test")
-    if isinstance(inner_lr, bool) or not isinstance(inner_lr, Real) or not math.isfinite(inner_lr) or inner_lr <= 0:
-        raise TGRError(f"inner_lr must be a positive number (the paper uses 0.01), got {inner_lr!r}")
+    check_int("inner_steps", inner_steps, 0, "the paper uses 5 in training and 10 at meta-test")
+    check_number("inner_lr", inner_lr, 0, strict=True, hint="the paper uses 0.01")
     if isinstance(tasks, Task) or (isinstance(tasks, (tuple, list)) and len(tasks) and isinstance(tasks[0], Tensor)):
         raise TGRError("tasks must be a list of tasks; wrap a single task as [task]")
     tasks = [_task_tensors(t, i) for i, t in enumerate(tasks)]

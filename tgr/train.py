@@ -4,20 +4,22 @@
 
 # %% ../nbs/09_train.ipynb 3
 from __future__ import annotations
-import copy, json, math, os, time
+import copy, math, os, time
 from types import SimpleNamespace
-from dataclasses import dataclass, field, fields, asdict, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
+
+from fastcore.basics import patch
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import (TGRError, ArtifactError, Timer, append_jsonl, config_hash, get_device, git_commit, load_artifact, load_json,
-                      is_valid_artifact, make_generator, make_rng, peak_memory_mb, prepare_run_dir, progress, read_jsonl, rng_state,
-                      save_artifact, save_json, seed_everything, set_rng_state, to_jsonable)
+from .core import (TGRError, check_int, check_number, ArtifactError, Timer, append_jsonl, get_device, git_commit, load_artifact, load_json,
+                      make_generator, make_rng, peak_memory_mb, prepare_run_dir, progress, rng_state,
+                      save_artifact, save_json, seed_everything, set_rng_state)
 from .data import load_benchmark, FewShotDataset
 from .models import build_model, MODELS
 from .pool import PoolConfig, build_pool, Pool
@@ -32,8 +34,9 @@ from .evaluate import TEST_HEADS, head_rule, meta_test
 
 # %% auto 0
 __all__ = ['ALIGNMENTS', 'GROUPINGS', 'GROUP_METHODS', 'RECOVERIES', 'MetaTrainConfig', 'kd_loss', 'Stages', 'augment_mode',
-           'inversion_settings', 'real_task', 'prepare_stages', 'TrainResult', 'meta_train', 'config_from_json',
-           'load_meta_model']
+           'inversion_settings', 'real_task', 'prepare_stages', 'TrainState', 'TrainRun', 'open_run', 'new_state',
+           'draw_teachers', 'recover_tasks', 'align_tasks', 'replay_tasks', 'validate', 'select', 'TrainResult',
+           'start_or_resume', 'meta_train', 'config_from_json', 'load_meta_model']
 
 # %% ../nbs/09_train.ipynb
 @dataclass(frozen=True)
@@ -126,7 +129,7 @@ class MetaTrainConfig:
             if getattr(self, k) not in allowed: raise TGRError(f"{k} must be one of {sorted(allowed)}, got {getattr(self, k)!r}")
         for k in ("epochs", "m", "inv_steps", "inv_per_class", "inv_ngf", "five_k", "bank_size", "replay_batch", "replay_updates", "replay_shot", "replay_query",
                   "inner_steps", "n_val_tasks", "n_test_tasks", "eval_every", "ckpt_every", "query"):
-            if int(getattr(self, k)) < 1: raise TGRError(f"{k} must be at least 1, got {getattr(self, k)}")
+            check_int(k, getattr(self, k))
         if self.reinvert_every < 0: raise TGRError("reinvert_every must be >= 0 (0: never re-invert)")
         if self.n_groups != "auto" and (isinstance(self.n_groups, (bool, str)) or int(self.n_groups) < 1):
             raise TGRError(f"n_groups must be a positive integer or 'auto' (Calinski-Harabasz), got {self.n_groups!r}")
@@ -136,9 +139,7 @@ class MetaTrainConfig:
             raise TGRError(f"replay needs replay_shot + replay_query = {self.replay_shot + self.replay_query} images per class, "
                            f"but recovered tasks have inv_per_class={self.inv_per_class}; raise inv_per_class or lower replay_shot/replay_query")
         for k in ("beta", "kd_temperature", "meta_lr", "inner_lr", "inv_lr", "five_inner_lr", "five_outer_lr", "bell_inner_lr"):
-            v, zero_ok = getattr(self, k), k == "beta"                      # beta may be 0 (IGR off); the rest must be > 0
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok):
-                raise TGRError(f"{k} must be a finite number {'>= 0' if zero_ok else '> 0'}, got {v!r}")
+            check_number(k, getattr(self, k), strict=k != "beta")           # beta may be 0 (IGR off); the rest must be > 0
         if self.img_size is not None and (isinstance(self.img_size, bool) or not isinstance(self.img_size, int) or self.img_size < 16):
             raise TGRError(f"img_size must be None (the benchmark's own size) or an integer >= 16, got {self.img_size!r}")
         if not self.shots or any(int(s) < 1 for s in self.shots): raise TGRError(f"shots must be positive, got {self.shots}")
@@ -223,15 +224,177 @@ def prepare_stages(cfg: MetaTrainConfig, device=None, timer: Timer | None = None
     return Stages(pool, tasks, groups, grouping, inv)
 
 # %% ../nbs/09_train.ipynb
-def _state(model, opt, bank, rng, gen, best, epoch, n_lines, timings) -> dict:
-    return {"epoch": epoch, "model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()),
-            "bank": bank.state_dict(), "np_rng": rng.bit_generator.state, "torch_gen": gen.get_state(),
-            "global_rng": rng_state(), "best": copy.deepcopy(best), "metrics_lines": n_lines, "timings": dict(timings)}
+@dataclass
+class TrainState:
+    "What meta-training carries from epoch to epoch; `save` and `load` are its checkpoint."
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    bank: MemoryBank
+    meta_generator: MetaGenerator | None
+    rng: np.random.Generator         # teacher sampling
+    gen: torch.Generator             # replay sampling
+    best: dict                       # {'acc', 'epoch', 'state', 'init_acc'}: the selected weights so far
+    epoch: int = 0                   # the last finished epoch
+    n_lines: int = 0                 # lines of metrics.jsonl written so far
+
+    def save(self, path: Path, timings: dict) -> None:
+        state = {"epoch": self.epoch, "model": self.model.state_dict(), "opt": self.opt.state_dict(), "bank": self.bank.state_dict(),
+                 "np_rng": self.rng.bit_generator.state, "torch_gen": self.gen.get_state(), "global_rng": rng_state(),
+                 "best": self.best, "metrics_lines": self.n_lines, "timings": dict(timings), "model_spec": self.model.config}
+        if self.meta_generator is not None: state["meta_generator"] = self.meta_generator.state_dict()
+        save_artifact(state, path)
+
+# %% ../nbs/09_train.ipynb
+@patch
+def load(self: TrainState, path: Path) -> dict:
+    "Restore every part of the state from the checkpoint at `path`; return its stage timings."
+    try: ck = load_artifact(path, weights_only=False)
+    except ArtifactError as e:
+        raise TGRError(f"cannot resume: {e.args[0].split(';')[0]}. Delete {path} and rerun with --resume to "
+                       "restart meta-training from epoch 1 (the cached pool, tasks and groups are kept)") from None
+    self.model.load_state_dict(ck["model"]); self.opt.load_state_dict(ck["opt"]); self.bank.load_state_dict(ck["bank"])
+    self.rng.bit_generator.state = ck["np_rng"]; self.gen.set_state(ck["torch_gen"]); set_rng_state(ck["global_rng"])
+    if self.meta_generator is not None: self.meta_generator.load_state_dict(ck["meta_generator"])
+    self.best, self.epoch, self.n_lines = ck["best"], ck["epoch"], ck["metrics_lines"]
+    return ck["timings"]
 
 def _truncate_lines(path: Path, n: int) -> None:
     if not path.exists(): return
     lines = path.read_text().splitlines(keepends=True)[:n]
     tmp = path.with_suffix(".tmp"); tmp.write_text("".join(lines)); os.replace(tmp, path)
+
+# %% ../nbs/09_train.ipynb
+@dataclass
+class TrainRun:
+    "What stays fixed while a run meta-trains."
+    cfg: MetaTrainConfig
+    out: Path
+    device: torch.device
+    stages: Stages
+    timer: Timer
+    teacher: Callable                # pool position -> the teacher model on the device, loaded once
+    val: FewShotDataset
+    train: FewShotDataset | None     # real train images: only for the real-data oracle
+    augment: str
+    loss_fn: Callable
+
+    @property
+    def checkpoint(self) -> Path: return self.out/"checkpoint.pt"
+    @property
+    def metrics(self) -> Path: return self.out/"metrics.jsonl"
+
+def _teacher_cache(pool, device):
+    cache = {}
+    def get(i):
+        if i not in cache: cache[i] = pool[i].model(device)
+        return cache[i]
+    return get
+
+# %% ../nbs/09_train.ipynb
+def _run_dir(cfg: MetaTrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
+    "Create or reopen `out` for `cfg`; with `overwrite` nothing of an old run survives."
+    reopen = (out/"config.json").exists() and (resume or not overwrite)
+    prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite)
+    if reopen: return
+    if overwrite and not resume:
+        for f in ("checkpoint.pt", "metrics.jsonl", "results.json"): (out/f).unlink(missing_ok=True)
+    save_json({"config": cfg, "git_commit": git_commit()}, out/"config.json")
+
+def open_run(cfg: MetaTrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
+             stages: Stages | None = None, show_progress: bool = True) -> TrainRun:
+    "The run directory, the stages before the loop, and what the loop reads from them."
+    cfg.check(); seed_everything(cfg.seed)
+    device, out, timer = get_device(cfg.device), Path(out), Timer()
+    _run_dir(cfg, out, resume, overwrite)
+    st = stages or prepare_stages(cfg, device, timer, show_progress)
+    seed_everything(cfg.seed)       # again: cached stages consume no randomness, fresh ones do; the loop must not care
+    return TrainRun(cfg, out, device, st, timer, _teacher_cache(st.pool, device), cfg.data("val"),
+                    cfg.data("train") if cfg.recovery == "real" else None, augment_mode(cfg),
+                    kd_loss(cfg.soft_labels, cfg.hard_labels, cfg.kd_temperature))
+
+def new_state(run: TrainRun) -> TrainState:
+    "The initial meta-model, its Adam optimiser, an empty memory bank, FIVE's meta-generator (if used), the random streams."
+    cfg, p0 = run.cfg, run.stages.pool[0]
+    model = build_model(cfg.meta_arch, cfg.way, p0.img_size, p0.in_ch).to(run.device)
+    mg = (MetaGenerator(p0.img_size, p0.in_ch, k=cfg.five_k, inner_lr=cfg.five_inner_lr, outer_lr=cfg.five_outer_lr, ngf=cfg.inv_ngf,
+                        use_bn=cfg.inv_bn, augment=run.augment, seed=cfg.seed, device=run.device)
+          if cfg.recovery == "meta-generator" else None)
+    return TrainState(model, torch.optim.Adam(model.parameters(), lr=cfg.meta_lr), MemoryBank(cfg.bank_size), mg,
+                      make_rng(cfg.seed, 1), torch.Generator().manual_seed(cfg.seed),
+                      {"acc": None, "epoch": 0, "state": copy.deepcopy(model.state_dict())})
+
+# %% ../nbs/09_train.ipynb
+def draw_teachers(run: TrainRun, state: TrainState) -> tuple[int, list[int]]:
+    "A task group (probability proportional to its size) and m of its members (pool positions), in random order."
+    groups = run.stages.groups
+    sizes = np.array([len(g) for g in groups], dtype=float)
+    g = int(state.rng.choice(len(groups), p=sizes / sizes.sum()))
+    return g, state.rng.choice(groups[g], min(run.cfg.m, len(groups[g])), replace=False).tolist()
+
+# %% ../nbs/09_train.ipynb
+def recover_tasks(run: TrainRun, state: TrainState, members: list[int], epoch: int) -> tuple[list, bool]:
+    "One task per teacher in `members`, and whether the tasks are fresh this epoch."
+    cfg, pool, seed = run.cfg, run.stages.pool, run.cfg.seed * 100003 + epoch
+    if state.meta_generator is not None:
+        return five_recover(state.meta_generator, [run.teacher(i) for i in members], [pool[i].n_classes for i in members],
+                            cfg.inv_per_class, student=state.model, seed=seed, member_indices=[pool[i].index for i in members],
+                            classes=[pool[i].classes for i in members]), True
+    if not (cfg.reinvert_every > 0 and epoch % cfg.reinvert_every == 0): return [run.stages.tasks[i] for i in members], False
+    if run.train is not None: return [real_task(pool[i], run.train, cfg.inv_per_class, seed) for i in members], True
+    inv = replace(run.stages.inversion, seed=seed)
+    return [recover_member(pool[i], inv, run.device) for i in members], True
+
+# %% ../nbs/09_train.ipynb
+def _nonfinite(run: TrainRun, what: str, step: str, epoch: int, fix: str) -> TGRError:
+    last = run.checkpoint if run.checkpoint.exists() else "not written yet"
+    return TGRError(f"non-finite {what} at epoch {epoch}, step '{step}'; the last good checkpoint is {last}: {fix} and --resume")
+
+def align_tasks(run: TrainRun, state: TrainState, members: list[int], tasks: list, epoch: int) -> dict:
+    "One alignment step of the meta-model on the m tasks; their losses and gradient statistics."
+    batch, g_aug = [], make_generator(run.cfg.seed, 17, epoch)
+    for i, t in zip(members, tasks):
+        x = random_augment(t.x.to(run.device), run.augment, g_aug)
+        with torch.no_grad(): tl = run.teacher(i)(x)
+        batch.append((x, t.y.to(run.device), tl))
+    state.model.train(); state.opt.zero_grad(set_to_none=True)
+    stats: GradStats = ALIGNMENTS[run.cfg.alignment](state.model, batch, run.loss_fn, run.cfg)
+    losses = [float(v) for v in stats.losses]
+    if not all(math.isfinite(v) for v in losses): raise _nonfinite(run, f"task loss {losses}", "align", epoch, "lower meta_lr or beta")
+    state.opt.step()
+    return {"task_losses": losses, "loss": sum(losses) / len(losses), "gradient_variance": float(stats.variance),
+            "gradient_cosine": float(stats.mean_cosine) if len(members) > 1 else None}   # no pair: no cosine
+
+# %% ../nbs/09_train.ipynb
+def replay_tasks(run: TrainRun, state: TrainState, members: list[int], tasks: list, epoch: int) -> dict:
+    "Store the tasks in the memory bank, then take the replay steps; the mean replay loss and query accuracy (%)."
+    cfg, pool = run.cfg, run.stages.pool
+    state.bank.extend(SimpleNamespace(x=t.x, y=t.y, classes=list(pool[i].classes), member=pool[i].index) for i, t in zip(members, tasks))
+    need = cfg.replay_shot + cfg.replay_query
+    if len(state.bank.distinct_classes(need)) < cfg.way:     # only while the bank fills up
+        return {"replay_skipped": f"bank holds fewer than {cfg.way} classes with {need} images"}
+    r_loss, r_acc = [], []
+    for _ in range(cfg.replay_updates):
+        rtasks = state.bank.sample_tasks(cfg.replay_batch, cfg.way, cfg.replay_shot, cfg.replay_query, generator=state.gen,
+                                         source=cfg.replay_source)
+        out = maml_outputs(state.model, [t.to(run.device) for t in rtasks], cfg.inner_steps, cfg.inner_lr, cfg.first_order)
+        if not torch.isfinite(out.loss): raise _nonfinite(run, "replay loss", "replay", epoch, "lower meta_lr or inner_lr")
+        state.opt.zero_grad(set_to_none=True); out.loss.backward(); state.opt.step()
+        r_loss.append(out.loss.item()); r_acc.append(float(out.query_acc.mean()))
+    return {"replay_loss": sum(r_loss) / len(r_loss), "replay_acc": 100 * sum(r_acc) / len(r_acc)}   # %, as val_acc
+
+# %% ../nbs/09_train.ipynb
+def validate(run: TrainRun, state: TrainState):
+    "Meta-validation accuracy of the current meta-model (the test's rule, the validation classes, seeded episodes)."
+    cfg = run.cfg
+    return meta_test(head_rule(state.model, cfg.way, cfg.test_head), run.val, cfg.way, cfg.val_shot, query=cfg.query,
+                     n_tasks=cfg.n_val_tasks, inner_steps=cfg.test_inner_steps, inner_lr=cfg.inner_lr, seed=cfg.seed,
+                     device=run.device, show_progress=False)
+
+def select(state: TrainState, acc: float, epoch: int) -> None:
+    "Keep the current weights as the selected meta-model if `acc` beats the best so far (epoch 0: the initial weights)."
+    if state.best["acc"] is None or acc > state.best["acc"]:
+        init = acc if epoch == 0 else state.best.get("init_acc")
+        state.best = {"acc": acc, "epoch": epoch, "state": copy.deepcopy(state.model.state_dict()), "init_acc": init}
 
 # %% ../nbs/09_train.ipynb
 @dataclass
@@ -247,141 +410,41 @@ class TrainResult:
     peak_memory_mb: float
     init_val_acc: float | None = None   # validation accuracy of the initial weights (epoch 0, a selection candidate)
 
-def _teacher_cache(pool, device):
-    cache = {}
-    def get(i):
-        if i not in cache: cache[i] = pool[i].model(device)
-        return cache[i]
-    return get
+def start_or_resume(run: TrainRun, state: TrainState, resume: bool) -> None:
+    "Resume from the run's checkpoint, or start afresh: an empty metrics log and the initial weights validated (epoch 0)."
+    if resume and run.checkpoint.exists():
+        run.timer.seconds.update(state.load(run.checkpoint)); _truncate_lines(run.metrics, state.n_lines)
+    else:
+        run.metrics.unlink(missing_ok=True)
+        with run.timer("validate"): select(state, validate(run, state).acc, 0)
+    state.n_lines = len(run.metrics.read_text().splitlines()) if run.metrics.exists() else 0
 
+# %% ../nbs/09_train.ipynb
 def meta_train(cfg: MetaTrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
                show_progress: bool = True, stages: Stages | None = None, _stop_after: int | None = None) -> TrainResult:
     """Algorithm 1: meta-train a model from the pool of `cfg`, writing `metrics.jsonl` and checkpoints into `out`.
     With `resume`, continue from the last checkpoint in `out` (same config required)."""
-    cfg.check(); seed_everything(cfg.seed)
-    device = get_device(cfg.device)
-    out = Path(out)
-    ckpt_path, metrics_path = out/"checkpoint.pt", out/"metrics.jsonl"
-    if not (out/"config.json").exists():
-        prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite)
-        save_json({"config": cfg, "git_commit": git_commit()}, out/"config.json")
-    elif not resume and overwrite:
-        prepare_run_dir(out, cfg, overwrite=True)
-        for f in (ckpt_path, metrics_path, out/"results.json"): f.unlink(missing_ok=True)   # nothing of the old run survives
-        save_json({"config": cfg, "git_commit": git_commit()}, out/"config.json")
-    else: prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite)
-    timer = Timer()
-    st = stages or prepare_stages(cfg, device, timer, show_progress)
-    seed_everything(cfg.seed)       # again: cached stages consume no randomness, fresh ones do; the loop must not care
-    pool, teacher = st.pool, _teacher_cache(st.pool, device)
-    val = cfg.data("val")
-    train = cfg.data("train") if cfg.recovery == "real" else None
-    def validate():                 # the evaluation rule of the test, on the validation classes
-        return meta_test(head_rule(model, cfg.way, cfg.test_head), val, cfg.way, cfg.val_shot, query=cfg.query,
-                         n_tasks=cfg.n_val_tasks, inner_steps=cfg.test_inner_steps, inner_lr=cfg.inner_lr, seed=cfg.seed,
-                         device=device, show_progress=False)
-    img, in_ch = pool[0].img_size, pool[0].in_ch
-    model = build_model(cfg.meta_arch, cfg.way, img, in_ch).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)
-    bank = MemoryBank(cfg.bank_size)
-    aug = augment_mode(cfg)         # resolved once, not per task and epoch
-    mg = (MetaGenerator(img, in_ch, k=cfg.five_k, inner_lr=cfg.five_inner_lr, outer_lr=cfg.five_outer_lr, ngf=cfg.inv_ngf,
-                        use_bn=cfg.inv_bn, augment=aug, seed=cfg.seed, device=device)
-          if cfg.recovery == "meta-generator" else None)
-    rng, gen = make_rng(cfg.seed, 1), torch.Generator().manual_seed(cfg.seed)
-    best = {"acc": None, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
-    start = 1
-    if resume and ckpt_path.exists():
-        try: ck = load_artifact(ckpt_path, weights_only=False)
-        except ArtifactError as e:
-            raise TGRError(f"cannot resume: {e.args[0].split(';')[0]}. Delete {ckpt_path} and rerun with --resume to "
-                           "restart meta-training from epoch 1 (the cached pool, tasks and groups are kept)") from None
-        model.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); bank.load_state_dict(ck["bank"])
-        rng.bit_generator.state = ck["np_rng"]; gen.set_state(ck["torch_gen"]); set_rng_state(ck["global_rng"])
-        best, start = ck["best"], ck["epoch"] + 1
-        if mg is not None: mg.load_state_dict(ck["meta_generator"])
-        for k, v in ck["timings"].items(): timer.seconds[k] = v
-        _truncate_lines(metrics_path, ck["metrics_lines"])
-    else:
-        if metrics_path.exists(): metrics_path.unlink()
-        with timer("validate"): acc0 = validate().acc     # the initial weights are a candidate: epoch 0
-        best = {"acc": acc0, "epoch": 0, "state": copy.deepcopy(model.state_dict()), "init_acc": acc0}
-    n_lines = len(metrics_path.read_text().splitlines()) if metrics_path.exists() else 0
-    loss_fn = kd_loss(cfg.soft_labels, cfg.hard_labels, cfg.kd_temperature)
-    align = ALIGNMENTS[cfg.alignment]
-    bar = progress(range(start, cfg.epochs + 1), desc="meta-train", disable=not show_progress, leave=True)
-    epoch = start - 1
-    sizes = np.array([len(g) for g in st.groups], dtype=float); group_p = sizes / sizes.sum()
-    for epoch in bar:
-        t_epoch = time.perf_counter()
-        # a group is drawn with probability proportional to its size, so every model is drawn about equally often
-        # (spectral clustering can return very unequal groups; a uniform draw would over-train a lone model)
-        g = int(rng.choice(len(st.groups), p=group_p)); group = st.groups[g]
-        # random order: BELL visits the tasks in this order, and only a random order gives FREE's Theorem 1
-        members = rng.choice(group, min(cfg.m, len(group)), replace=False).tolist()
-        with timer("recover"):
-            if mg is not None:          # FIVE: adapt the meta-generator to each teacher (k steps), then update it
-                fresh = True
-                tasks = five_recover(mg, [teacher(i) for i in members], [pool[i].n_classes for i in members],
-                                     cfg.inv_per_class, student=model, seed=cfg.seed * 100003 + epoch,
-                                     member_indices=[pool[i].index for i in members],
-                                     classes=[pool[i].classes for i in members])
-            else:
-                fresh = cfg.reinvert_every > 0 and epoch % cfg.reinvert_every == 0
-                new = ((lambda i: real_task(pool[i], train, cfg.inv_per_class, cfg.seed * 100003 + epoch)) if train is not None
-                       else (lambda i: recover_member(pool[i], replace(st.inversion, seed=cfg.seed * 100003 + epoch), device)))
-                tasks = [new(i) if fresh else st.tasks[i] for i in members]
-        with timer("align"):
-            batch, g_aug = [], make_generator(cfg.seed, 17, epoch)     # per epoch: a resumed run draws the same
-            for i, t in zip(members, tasks):
-                x = random_augment(t.x.to(device), aug, g_aug)
-                with torch.no_grad(): tl = teacher(i)(x)
-                batch.append((x, t.y.to(device), tl))
-            model.train(); opt.zero_grad(set_to_none=True)
-            stats: GradStats = align(model, batch, loss_fn, cfg)
-            losses = [float(v) for v in stats.losses]
-            if not all(math.isfinite(v) for v in losses):
-                raise TGRError(f"non-finite task loss {losses} at epoch {epoch}, step 'align'; the last good checkpoint "
-                               f"is {ckpt_path if ckpt_path.exists() else 'not written yet'}: lower meta_lr or beta and --resume")
-            opt.step()
-        rec = {"epoch": epoch, "group": g, "members": [pool[i].index for i in members], "fresh_tasks": fresh,
-               "task_losses": losses, "loss": sum(losses) / len(losses), "gradient_variance": float(stats.variance),
-               "gradient_cosine": float(stats.mean_cosine) if len(members) > 1 else None}   # no pair: no cosine
+    run = open_run(cfg, out, resume, overwrite, stages, show_progress); timer = run.timer
+    state = new_state(run); start_or_resume(run, state, resume)
+    for epoch in progress(range(state.epoch + 1, cfg.epochs + 1), desc="meta-train", disable=not show_progress, leave=True):
+        t0 = time.perf_counter()
+        g, members = draw_teachers(run, state)
+        with timer("recover"): tasks, fresh = recover_tasks(run, state, members, epoch)
+        rec = {"epoch": epoch, "group": g, "members": [run.stages.pool[i].index for i in members], "fresh_tasks": fresh}
+        with timer("align"): rec.update(align_tasks(run, state, members, tasks, epoch))
         if cfg.replay:
-            with timer("replay"):
-                bank.extend(SimpleNamespace(x=t.x, y=t.y, classes=list(pool[i].classes), member=pool[i].index)
-                            for i, t in zip(members, tasks))
-                need = cfg.replay_shot + cfg.replay_query
-                if len(bank.distinct_classes(need)) >= cfg.way:     # false only while the bank fills up
-                    r_loss, r_acc = [], []
-                    for _ in range(cfg.replay_updates):
-                        rtasks = bank.sample_tasks(cfg.replay_batch, cfg.way, cfg.replay_shot, cfg.replay_query, generator=gen,
-                                                   source=cfg.replay_source)
-                        out_m = maml_outputs(model, [t.to(device) for t in rtasks], cfg.inner_steps, cfg.inner_lr, cfg.first_order)
-                        if not torch.isfinite(out_m.loss):
-                            raise TGRError(f"non-finite replay loss at epoch {epoch}, step 'replay'; the last good checkpoint is "
-                                           f"{ckpt_path if ckpt_path.exists() else 'not written yet'}: lower meta_lr or inner_lr and --resume")
-                        opt.zero_grad(set_to_none=True); out_m.loss.backward(); opt.step()
-                        r_loss.append(out_m.loss.item()); r_acc.append(float(out_m.query_acc.mean()))
-                    rec.update(replay_loss=sum(r_loss) / len(r_loss), replay_acc=100 * sum(r_acc) / len(r_acc))   # %, as val_acc
-                else: rec["replay_skipped"] = f"bank holds fewer than {cfg.way} classes with {need} images"
+            with timer("replay"): rec.update(replay_tasks(run, state, members, tasks, epoch))
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            with timer("validate"): r = validate()
-            rec.update(val_acc=r.acc, val_ci95=r.ci95)
-            if best["acc"] is None or r.acc > best["acc"]:
-                best = {"acc": r.acc, "epoch": epoch, "state": copy.deepcopy(model.state_dict()), "init_acc": best.get("init_acc")}
-        rec["seconds"] = time.perf_counter() - t_epoch
-        rec["peak_rss_mb"] = round(peak_memory_mb())      # flat across epochs = no leak (the authors' code grows)
-        append_jsonl(rec, metrics_path); n_lines += 1
+            with timer("validate"): r = validate(run, state)
+            rec.update(val_acc=r.acc, val_ci95=r.ci95); select(state, r.acc, epoch)
+        rec.update(seconds=time.perf_counter() - t0, peak_rss_mb=round(peak_memory_mb()))   # flat across epochs = no leak
+        append_jsonl(rec, run.metrics); state.n_lines += 1; state.epoch = epoch
         if epoch % cfg.ckpt_every == 0 or epoch == cfg.epochs:
-            with timer("checkpoint"):
-                state = _state(model, opt, bank, rng, gen, best, epoch, n_lines, timer.seconds)
-                state["model_spec"] = model.config          # what `load_meta_model` rebuilds
-                if mg is not None: state["meta_generator"] = mg.state_dict()
-                save_artifact(state, ckpt_path)
+            with timer("checkpoint"): state.save(run.checkpoint, timer.seconds)
         if _stop_after is not None and epoch >= _stop_after: break
-    model.load_state_dict(best["state"])
-    return TrainResult(model, best["acc"], best["epoch"], epoch, st, dict(timer.seconds), out, peak_memory_mb(), best.get("init_acc"))
+    state.model.load_state_dict(state.best["state"])
+    return TrainResult(state.model, state.best["acc"], state.best["epoch"], state.epoch, run.stages, dict(timer.seconds), run.out,
+                       peak_memory_mb(), state.best.get("init_acc"))
 
 # %% ../nbs/09_train.ipynb
 def config_from_json(d: dict) -> MetaTrainConfig:
