@@ -10,7 +10,6 @@ from tgr.evaluate import (BASELINES, HEAD_INITS, build_baseline, confidence_inte
                           reset_head, results_table)
 from tgr.models import build_model
 from tgr.pool import Pool, PoolMember
-from tgr.replay import MemoryBank, maml_loss
 
 
 @pytest.fixture(scope="module")
@@ -109,25 +108,3 @@ def test_evaluate_baselines_table(test_split):
     table = results_table({n: {"5-way 1-shot": r} for n, r in res.items()})
     assert "finetune" in table and "±" in table
     with pytest.raises(TGRError, match="unknown baseline"): evaluate_baselines(_pool(2), test_split, 5, 1, names=("maml",))
-
-
-def test_replay_bank_resumes_from_a_checkpoint_file(tmp_path):
-    "Kill-and-resume: the bank and generator state saved to disk reproduce the next interpolated tasks and MAML loss."
-    def task(m):
-        g = torch.Generator().manual_seed(m)
-        return SimpleNamespace(x=torch.rand(40, 3, 32, 32, generator=g), y=torch.arange(40) % 5,
-                               classes=[5 * m + k for k in range(5)], member=m)
-    bank, g = MemoryBank(4), make_generator(3)
-    bank.extend(task(m) for m in range(6))
-    save_artifact({"bank": bank.state_dict(), "rng": g.get_state()}, tmp_path / "ck.pt")
-    expected = bank.sample_tasks(2, 5, 1, 3, generator=g)
-    ck = load_artifact(tmp_path / "ck.pt")
-    bank2, g2 = MemoryBank(4).load_state_dict(ck["bank"]), torch.Generator()
-    g2.set_state(ck["rng"])
-    got = bank2.sample_tasks(2, 5, 1, 3, generator=g2)
-    assert all(torch.equal(a.xs, b.xs) and torch.equal(a.xq, b.xq) and a.sources == b.sources for a, b in zip(expected, got))
-    assert bank2.uids == [2, 3, 4, 5] and bank2.n_added == 6
-    torch.manual_seed(0)
-    net = build_model("conv4", 5, 32)
-    assert torch.equal(maml_loss(net, expected, inner_steps=1), maml_loss(net, got, inner_steps=1))
-    with pytest.raises(TGRError, match="same memory-bank size"): MemoryBank(20).load_state_dict(ck["bank"])

@@ -53,6 +53,7 @@ def _inner_loop(fns: list, params: Params, alpha: float, steps: int, order: list
     per_task = sums if steps == 1 else [{k: v / steps for k, v in s_.items()} for s_ in sums]
     return theta, per_task
 
+# %% ../nbs/07a_bell.ipynb
 def bell_update(loss_fns: Sequence[LossFn], params: Params, inner_lr: float, epsilon: float,
                 inner_steps: int = 1, order: Sequence[int] | None = None) -> Params:
     "Algorithm 2 of FREE: clone, `inner_steps` steps on each task in `order`, then theta + epsilon (theta_tilde - theta)."
@@ -68,6 +69,7 @@ def bell_gradient(loss_fns: Sequence[LossFn], params: Params, inner_lr: float, i
     alpha, steps = _check_inner_lr(inner_lr), _check_inner_steps(inner_steps)
     return _mean_dict(_inner_loop(fns, params, alpha, steps, _check_order(order, len(fns)))[1])
 
+# %% ../nbs/07a_bell.ipynb
 def mean_inner_product(stats: GradStats) -> Tensor:
     "Mean over task pairs j < k of <grad L_j, grad L_k> (FREE's Fig. 5), from a `GradStats`; NaN for one task."
     if not isinstance(stats, GradStats):
@@ -76,6 +78,7 @@ def mean_inner_product(stats: GradStats) -> Tensor:
     if stats.m < 2: return torch.full((), float("nan"), dtype=stats.variance.dtype)
     return sum((v ** 2).sum() for v in stats.erm.values()) - 2 * stats.variance / (stats.m - 1)
 
+# %% ../nbs/07a_bell.ipynb
 def gradient_inner_product(loss_fns: Sequence[LossFn], params: Params) -> Tensor:
     "Mean pairwise inner product of the task gradients at `params` (0-dim tensor; NaN for one task)."
     fns, params = _check_loss_fns(loss_fns), _check_params(params)

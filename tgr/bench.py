@@ -46,6 +46,7 @@ def _episode_data(shot: int, query: int = 15, way: int = 5, img: int = 32, seed:
     return (torch.rand(way * shot, 3, img, img, generator=g), torch.arange(way).repeat_interleave(shot),
             torch.rand(way * query, 3, img, img, generator=g), torch.arange(way).repeat_interleave(query))
 
+# %% ../nbs/13_bench.ipynb
 def episode_unit(shot: int, steps: int = 10, lr: float = 0.01) -> Callable[[], Tensor]:
     "One meta-test episode as `meta_test`'s loop runs it: in-place first-order steps, then the query predictions."
     torch.manual_seed(0); model = build_model("conv4", 5, 32)
@@ -57,6 +58,7 @@ def episode_unit(shot: int, steps: int = 10, lr: float = 0.01) -> Callable[[], T
         with torch.no_grad(): return (net(xq).argmax(-1) == yq).sum()
     return run
 
+# %% ../nbs/13_bench.ipynb
 def plain_episode(shot: int, steps: int = 10, lr: float = 0.01) -> Callable[[], Tensor]:
     "The reference: a copy of an `nn.Module` in train mode, `torch.autograd.grad`, and one in-place update per parameter."
     torch.manual_seed(0); model = build_model("conv4", 5, 32)
@@ -86,6 +88,7 @@ def replay_unit(n_tasks: int = 4, steps: int = 5) -> Callable[[], None]:
         model.zero_grad(set_to_none=True); maml_outputs(model, tasks, steps, 0.01).loss.backward()
     return run
 
+# %% ../nbs/13_bench.ipynb
 def alignment_unit(m: int = 4, per_class: int = 10, beta: float = 1e-3) -> Callable[[], None]:
     "One IGR update (Theorem 4.1) of a Conv4 meta-model on `m` recovered tasks of 5 classes x `per_class` images."
     torch.manual_seed(0); model = build_model("conv4", 5, 32); teacher = build_model("conv4", 5, 32).eval()
@@ -97,6 +100,7 @@ def alignment_unit(m: int = 4, per_class: int = 10, beta: float = 1e-3) -> Calla
         model.zero_grad(set_to_none=True); igr_step(model, batch, loss, beta)
     return run
 
+# %% ../nbs/13_bench.ipynb
 def reference_units(n: int = 2048, batch: int = 256) -> dict[str, Callable[[], None]]:
     "What the machine attains: an n x n matrix product, and a Conv4 forward and backward pass at `batch` images of 32 px."
     a, b = torch.rand(n, n), torch.rand(n, n)
@@ -114,6 +118,7 @@ def _machine() -> str:
     except OSError: pass
     return platform.processor() or platform.machine()
 
+# %% ../nbs/13_bench.ipynb
 def bench(threads: int | None = None, reps: int = 7, out: str | Path | None = None, generator_steps: int = 15) -> dict:
     "Time and count every unit; return the record and write it to `out` (if given) as JSON."
     if threads is not None: torch.set_num_threads(int(threads))
@@ -137,6 +142,7 @@ def bench(threads: int | None = None, reps: int = 7, out: str | Path | None = No
     if out is not None: save_json(rec, out)
     return rec
 
+# %% ../nbs/13_bench.ipynb
 def format_bench(rec: dict) -> str:
     "The record of `bench` as a table."
     lines = [f"{rec['machine']}, {rec['threads']} torch thread(s), torch {rec['torch']}, commit {str(rec['commit'])[:12]}",

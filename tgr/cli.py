@@ -86,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list presets and config fields", description="Every preset, what it sets, and every field.")
     return p
 
+# %% ../nbs/12_cli.ipynb
 def main(argv: list[str] | None = None):
     "Entry point of the `tgr` console script (argv: the arguments, default sys.argv[1:])."
     p = _parser()

@@ -55,6 +55,7 @@ def seed_everything(seed: int, deterministic: bool = True) -> int:
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     return seed
 
+# %% ../nbs/00_core.ipynb
 def rng_state() -> dict:
     "Snapshot of the Python, NumPy and torch (CPU and, if present, CUDA) generators."
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -114,6 +115,7 @@ def _umask() -> int:
     "The process umask (read by setting and restoring it: POSIX has no read-only call)."
     m = os.umask(0o22); os.umask(m); return m
 
+# %% ../nbs/00_core.ipynb
 def _atomic_write_bytes(data: bytes, path: Path) -> Path:
     path = Path(path)
     try: path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +135,7 @@ def _atomic_write_bytes(data: bytes, path: Path) -> Path:
         raise
     return path
 
+# %% ../nbs/00_core.ipynb
 def save_artifact(obj: Any, path: str | Path) -> Path:
     "Write `obj` with `torch.save` atomically, prefixed with a SHA-256 of the payload."
     buf = io.BytesIO(); torch.save(obj, buf); payload = buf.getvalue()
@@ -144,6 +147,7 @@ def _read_bytes(path: Path) -> bytes:
         raise TGRError(f"{path} is not readable by this user ({e.strerror}); ask its owner to make it readable "
                        "(chmod a+r) or point TGR_CACHE / --out at a folder of your own") from None
 
+# %% ../nbs/00_core.ipynb
 def load_artifact(path: str | Path, map_location: str | torch.device = "cpu", weights_only: bool = True) -> Any:
     "Read a file written by `save_artifact`, refusing truncated or corrupt files."
     path = Path(path)
@@ -157,6 +161,7 @@ def load_artifact(path: str | Path, map_location: str | torch.device = "cpu", we
         raise ArtifactError(f"{path} is corrupt (checksum mismatch, {len(data)} bytes); {fix}")
     return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=weights_only)
 
+# %% ../nbs/00_core.ipynb
 def is_valid_artifact(path: str | Path) -> bool:
     "True when `path` exists and passes the checks of `load_artifact` (without unpickling)."
     path = Path(path)
@@ -168,6 +173,7 @@ def save_json(obj: Any, path: str | Path) -> Path:
     "Write JSON atomically (dataclasses and paths are converted)."
     return _atomic_write_bytes((json.dumps(to_jsonable(obj), indent=2) + "\n").encode(), Path(path))
 
+# %% ../nbs/00_core.ipynb
 def load_json(path: str | Path) -> Any:
     "Read JSON, with an error naming the file when it is missing or malformed."
     path = Path(path)
@@ -198,6 +204,7 @@ def prepare_run_dir(path: str | Path, config: Any, resume: bool = False, overwri
     if not os.access(path, os.W_OK): raise TGRError(f"run directory {path} is not writable; choose another --out")
     return path
 
+# %% ../nbs/00_core.ipynb
 def append_jsonl(record: dict, path: str | Path) -> None:
     "Append one JSON line (flushed), e.g. to `metrics.jsonl`."
     with open(path, "a") as f:
@@ -224,6 +231,7 @@ def cache_dir(sub: str = "") -> Path:
                        "set TGR_CACHE to a folder of your own") from None
     return p
 
+# %% ../nbs/00_core.ipynb
 def git_commit(path: str | Path | None = None) -> str | None:
     "The git commit of the repository holding `path` (default: this package), with '+dirty' if it has changes."
     path = Path(path or Path(__file__).parent)
@@ -235,6 +243,7 @@ def git_commit(path: str | Path | None = None) -> str | None:
         return sha.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError): return None
 
+# %% ../nbs/00_core.ipynb
 def peak_memory_mb() -> float:
     "Peak resident memory of this process so far, in MiB (Linux `ru_maxrss`)."
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -249,6 +258,7 @@ class Timer:
         try: yield
         finally: self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
 
+# %% ../nbs/00_core.ipynb
 def progress(it: Iterable | None = None, desc: str = "", total: int | None = None, leave: bool = False,
              disable: bool = False, **kw):
     "A `tqdm.auto` bar (a widget in Jupyter, text in a terminal); `disable` or `TGR_PROGRESS=0` silences it."

@@ -17,6 +17,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .core import TGRError, check_int, cache_dir, config_hash, load_json, make_rng, save_artifact, save_json, load_artifact, is_valid_artifact
 
+from fastcore.basics import patch
+
 # %% auto 0
 __all__ = ['IMG_EXTS', 'GLYPH_VERSION', 'GLYPH_FONTS', 'GLYPH_DOMAINS', 'GLYPH_STROKES', 'GLYPH_SHA256', 'CIFAR_LAYOUT',
            'MINI_LAYOUT', 'CUB_LAYOUT', 'FOLDER_LAYOUT', 'BENCHMARKS', 'DEFAULT_IMG_SIZE', 'SPLITS', 'FewShotDataset',
@@ -35,6 +37,7 @@ def _read_image(path: str | Path, img_size: int) -> torch.Tensor:
         raise TGRError(f"cannot read image {path}: {e}") from e
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 
+# %% ../nbs/01_data.ipynb
 class FewShotDataset(torch.utils.data.Dataset):
     "Images of one split with class names, labels `0..n_classes-1` and a domain tag per class."
     def __init__(self, labels, classes: Sequence[str], domain: Sequence[str], images: torch.Tensor | None = None,
@@ -66,21 +69,28 @@ class FewShotDataset(torch.utils.data.Dataset):
     def counts(self) -> torch.Tensor:
         "Images per class."
         return torch.tensor([len(i) for i in self._by_class])
-    def get_uint8(self, idx) -> torch.Tensor:
-        idx = torch.as_tensor(idx, dtype=torch.long).flatten()
-        if self.images is not None: return self.images[idx]
-        return torch.stack([_read_image(self.files[i], self.img_size) for i in idx.tolist()]) if len(idx) else \
-               torch.zeros(0, 3, self.img_size, self.img_size, dtype=torch.uint8)
-    def get(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
-        "A batch `(x float in [0,1], y)` for indices `idx`."
-        idx = torch.as_tensor(idx, dtype=torch.long).flatten()
-        return self.get_uint8(idx).float().div_(255), self.labels[idx]
     def __getitem__(self, i: int):
         x, y = self.get([i]); return x[0], int(y[0])
-    def __repr__(self):
-        doms = sorted(set(self.domain))
-        return (f"FewShotDataset({self.name!r}, split={self.split!r}, {self.n_classes} classes, {len(self)} images, "
-                f"{self.in_ch}x{self.img_size}x{self.img_size}, domains={doms})")
+
+# %% ../nbs/01_data.ipynb
+@patch
+def get_uint8(self: FewShotDataset, idx) -> torch.Tensor:
+    idx = torch.as_tensor(idx, dtype=torch.long).flatten()
+    if self.images is not None: return self.images[idx]
+    return torch.stack([_read_image(self.files[i], self.img_size) for i in idx.tolist()]) if len(idx) else \
+           torch.zeros(0, 3, self.img_size, self.img_size, dtype=torch.uint8)
+
+@patch
+def get(self: FewShotDataset, idx) -> tuple[torch.Tensor, torch.Tensor]:
+    "A batch `(x float in [0,1], y)` for indices `idx`."
+    idx = torch.as_tensor(idx, dtype=torch.long).flatten()
+    return self.get_uint8(idx).float().div_(255), self.labels[idx]
+
+@patch
+def __repr__(self: FewShotDataset):
+    doms = sorted(set(self.domain))
+    return (f"FewShotDataset({self.name!r}, split={self.split!r}, {self.n_classes} classes, {len(self)} images, "
+            f"{self.in_ch}x{self.img_size}x{self.img_size}, domains={doms})")
 
 # %% ../nbs/01_data.ipynb
 class EpisodeSampler:
@@ -142,6 +152,7 @@ def _font_dir() -> Path:
     import matplotlib
     return Path(matplotlib.get_data_path())/"fonts"/"ttf"
 
+# %% ../nbs/01_data.ipynb
 def _covered_letters() -> list[tuple[str, str]]:
     "(domain, letter) for letters without diacritics that all glyph fonts cover, basic letters first."
     from fontTools.ttLib import TTFont
@@ -154,6 +165,7 @@ def _covered_letters() -> list[tuple[str, str]]:
     basic = lambda ch: ch.isascii() or 0x391 <= ord(ch) <= 0x3C9 or 0x410 <= ord(ch) <= 0x44F
     return sorted(out, key=lambda t: (not basic(t[1]), GLYPH_DOMAINS.index(t[0]), ord(t[1])))
 
+# %% ../nbs/01_data.ipynb
 def _fit(mask: Image.Image, size: int, pad: int) -> np.ndarray:
     "Crop a glyph mask to its ink and scale it (aspect kept) to fit `size - 2*pad`, centred."
     a = np.asarray(mask); ys, xs = np.nonzero(a > 40)
@@ -168,6 +180,7 @@ def _render(ch: str, font: ImageFont.FreeTypeFont, size: int, pad: int, stroke: 
     ImageDraw.Draw(img).text((2 * size, 2 * size), ch, font=font, fill=255, anchor="mm", stroke_width=stroke, stroke_fill=255)
     return _fit(img, size, pad)
 
+# %% ../nbs/01_data.ipynb
 def _case_partner(ch: str) -> str:
     "The letter a case pair or small capital would be compared with (its upper-case form)."
     name = unicodedata.name(ch, "")
@@ -176,6 +189,7 @@ def _case_partner(ch: str) -> str:
         except KeyError: pass
     return ch.upper() if len(ch.upper()) == 1 else ch
 
+# %% ../nbs/01_data.ipynb
 def glyph_classes(max_latin: int = 91, near: float = 0.05, near_case: float = 0.16) -> list[tuple[str, str]]:
     "The visually distinct letters of the glyph benchmark as (domain, letter), chosen by measurement (see above)."
     letters = _covered_letters()
@@ -201,6 +215,7 @@ def render_glyph_masks(letters: Sequence[str], hi: int = 64) -> np.ndarray:
     m = [[[_render(ch, f, hi, hi // 8, s) for s in GLYPH_STROKES] for f in fonts] for ch in letters]
     return np.rint(np.asarray(m, dtype=np.float64) * 255).astype(np.uint8)
 
+# %% ../nbs/01_data.ipynb
 def write_glyph_masks(folder: str | Path | None = None, max_latin: int = 91) -> Path:
     "Render the classes' masks and write them (xz-compressed) with their class list: the package asset."
     import PIL, matplotlib, fontTools, lzma
@@ -216,6 +231,7 @@ def write_glyph_masks(folder: str | Path | None = None, max_latin: int = 91) -> 
     (folder/"glyph_masks.json").write_text(json.dumps(meta, ensure_ascii=False))
     return folder
 
+# %% ../nbs/01_data.ipynb
 @functools.lru_cache(maxsize=1)
 def glyph_masks() -> tuple[dict, np.ndarray]:
     "The shipped glyph masks: (metadata with letters and domains, uint8 array (letters, fonts, strokes, 64, 64))."
@@ -244,11 +260,13 @@ class _Stream:
     def symmetric(self, half: float, *shape) -> np.ndarray: return half * (2 * self.uniform(*shape) - 1)
     def integers(self, k: int, *shape) -> np.ndarray: return (self.raw(*shape) % np.uint64(k)).astype(np.int64)
 
+# %% ../nbs/01_data.ipynb
 def _unit(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     "cos and sin of 2*atan(t), by rational formulas (no transcendental function)."
     d = 1 + t * t
     return (1 - t * t) / d, 2 * t / d
 
+# %% ../nbs/01_data.ipynb
 def _affine_sample(masks: np.ndarray, A: np.ndarray, shift: np.ndarray, out: int) -> np.ndarray:
     "Bilinear samples (n, out, out) of masks (n, H, W) at x_in = A x_out + shift in [-1, 1] coordinates, zero outside."
     n, H, W = masks.shape
@@ -272,6 +290,7 @@ def _parabola_wave(p: np.ndarray) -> np.ndarray:
     q = p - np.floor(p)
     return np.where(q < 0.5, 16 * q * (0.5 - q), -16 * (q - 0.5) * (1 - q))
 
+# %% ../nbs/01_data.ipynb
 def _paint(masks: np.ndarray, domain: str, r: _Stream) -> np.ndarray:
     "Colour glyph masks (n, H, W) in [0,1] with the low-level style of `domain`; returns float64 (n, 3, H, W)."
     n, H, W = masks.shape
@@ -297,6 +316,7 @@ def _paint(masks: np.ndarray, domain: str, r: _Stream) -> np.ndarray:
     m = masks[:, None]
     return np.clip(bg * (1 - m) + ink * m, 0, 1)
 
+# %% ../nbs/01_data.ipynb
 def render_glyphs(letters: Sequence[str], domains: Sequence[str], per_class: int, seed: int, img_size: int = 32) -> torch.Tensor:
     "Render `per_class` augmented, domain-painted images of each letter: uint8 (len(letters)*per_class, 3, S, S)."
     meta, base = glyph_masks(); where = {ch: i for i, ch in enumerate(meta["letters"])}
@@ -325,6 +345,7 @@ class GlyphSpec:
     max_latin: int = 91
     split_fracs: tuple = (0.64, 0.16, 0.20)
 
+# %% ../nbs/01_data.ipynb
 GLYPH_SHA256 = "52f37078fed7be3332d833dbe60042c01d8f34314304a17d1e50feb09c40ff38"     # glyph_checksum of the default GlyphSpec(): the same on every machine
 
 def _split_classes(n: int, fracs, r: _Stream) -> dict[str, list[int]]:
@@ -332,6 +353,7 @@ def _split_classes(n: int, fracs, r: _Stream) -> dict[str, list[int]]:
     n_tr, n_va = round(fracs[0] * n), round(fracs[1] * n)
     return {"train": sorted(order[:n_tr]), "val": sorted(order[n_tr:n_tr + n_va]), "test": sorted(order[n_tr + n_va:])}
 
+# %% ../nbs/01_data.ipynb
 def build_glyphs(spec: GlyphSpec = GlyphSpec(), progress: bool = True) -> dict:
     "Build the glyph benchmark: a dict of uint8 images, labels, class names, domains and class splits."
     from tgr.core import progress as _progress
@@ -354,11 +376,13 @@ def build_glyphs(spec: GlyphSpec = GlyphSpec(), progress: bool = True) -> dict:
     return {"images": images, "labels": labels, "letters": letters, "classes": names, "domains": domains,
             "splits": {k: sorted(v) for k, v in splits.items()}, "version": GLYPH_VERSION}
 
+# %% ../nbs/01_data.ipynb
 def glyph_checksum(data: dict) -> str:
     "SHA-256 of the images, labels and splits of a built glyph benchmark."
     h = hashlib.sha256(data["images"].numpy().tobytes()); h.update(data["labels"].numpy().tobytes())
     h.update(json.dumps(data["splits"], sort_keys=True).encode()); return h.hexdigest()
 
+# %% ../nbs/01_data.ipynb
 def glyph_data(spec: GlyphSpec = GlyphSpec()) -> dict:
     "The glyph benchmark for `spec`, built once (the default one checked against `GLYPH_SHA256`) and then read from the user cache."
     from tgr.core import config_hash
@@ -384,6 +408,7 @@ def _need_root(root, name: str, layout: str):
     if not root.is_dir(): raise TGRError(f"{name} root {root} does not exist. Expected layout:\n{layout}")
     return root
 
+# %% ../nbs/01_data.ipynb
 CIFAR_LAYOUT = """  ROOT/cifar-100-python/{train,test,meta}   (the python version of CIFAR-100)
 It comes from https://www.cs.toronto.edu/~kriz/cifar.html; pass download=True (torchvision downloads it into ROOT),
 or unpack cifar-100-python.tar.gz into ROOT yourself on a machine without network access."""
@@ -417,10 +442,12 @@ def _load_cifar_fs(split: str, root=None, download: bool = False, img_size: int 
     return FewShotDataset([remap[int(v)] for v in y[keep]], want, ["cifar-fs"] * len(want), images=images,
                           name="cifar-fs", split=split)
 
+# %% ../nbs/01_data.ipynb
 def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x.round().clamp(0, 255).to(torch.uint8)
 
+# %% ../nbs/01_data.ipynb
 MINI_LAYOUT = """  ROOT/images/<filename>.jpg             (all 60,000 images)
   ROOT/train.csv, ROOT/val.csv, ROOT/test.csv   (header 'filename,label'; label is an ImageNet wnid)
 These are the Ravi & Larochelle (2017) split files; the images come from ImageNet (ILSVRC-2012) under its licence."""
@@ -447,6 +474,7 @@ def _load_mini_imagenet(split: str, root=None, download: bool = False, img_size:
     return FewShotDataset([classes.index(r["label"]) for r in rows], classes, ["mini-imagenet"] * len(classes),
                           files=files, img_size=img_size or 84, name="mini-imagenet", split=split)
 
+# %% ../nbs/01_data.ipynb
 CUB_LAYOUT = """  ROOT/CUB_200_2011/images/<NNN.Class_name>/<image>.jpg   (200 class folders), or ROOT/images/... directly
 CUB-200-2011 comes from https://www.vision.caltech.edu/datasets/cub_200_2011/ (CUB_200_2011.tgz); unpack it into ROOT."""
 
@@ -463,6 +491,7 @@ def _decode(f: str) -> tuple:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise TGRError(f"image {f} cannot be decoded ({e}); delete or replace it") from None
 
+# %% ../nbs/01_data.ipynb
 def check_images(files: Sequence[str], img_size: int | None = None) -> int:
     """Decode every file once (the verdict is cached per file list, sizes and mtimes): each must be an image of a mode
     that converts to RGB, and all must have one square size unless `img_size` asks to resize them. Returns the size."""
@@ -485,6 +514,7 @@ def check_images(files: Sequence[str], img_size: int | None = None) -> int:
     save_json({"img_size": img_size, "files": len(files)}, mark)
     return int(img_size)
 
+# %% ../nbs/01_data.ipynb
 def _load_cub(split: str, root=None, download: bool = False, img_size: int | None = None) -> FewShotDataset:
     if download: raise TGRError(f"CUB is not downloaded automatically; unpack it under `root` as:\n{CUB_LAYOUT}")
     root = _need_root(root, "CUB", CUB_LAYOUT)
@@ -518,6 +548,7 @@ def _folder_classes(split_dir: Path, default_domain: str) -> list[tuple[str, str
         else: out.append((p.name, default_domain, p))
     return out
 
+# %% ../nbs/01_data.ipynb
 def _load_folder(root, split: str, img_size: int | None = None, domain: str | None = None) -> FewShotDataset:
     root = Path(root).expanduser()
     layout = FOLDER_LAYOUT.format(exts=", ".join(IMG_EXTS))
@@ -550,6 +581,7 @@ def _load_glyphs(split: str, root=None, download: bool = False, img_size: int | 
     return FewShotDataset(remap[data["labels"][keep]], [data["classes"][i] for i in ids], [data["domains"][i] for i in ids],
                           images=images, name=name, split=split)
 
+# %% ../nbs/01_data.ipynb
 BENCHMARKS: dict[str, Callable[..., FewShotDataset]] = {
     "glyphs": _load_glyphs,
     **{f"glyphs-{d}": (lambda d: lambda split, **kw: _load_glyphs(split, domains=(d,), **kw))(d) for d in GLYPH_DOMAINS},
@@ -580,6 +612,7 @@ def union(datasets: Sequence[FewShotDataset], img_size: int | None = None, name:
         files += d.files
     return FewShotDataset(torch.cat(labels), classes, domain, files=files, img_size=size, name=name, split=split)
 
+# %% ../nbs/01_data.ipynb
 def load_benchmark(name: str, split: str, root: str | Path | None = None, download: bool = False,
                    img_size: int | None = None, **kw) -> FewShotDataset:
     """One split ('train', 'val', 'test') of a benchmark: a registered name, names joined by '+', or a folder path.

@@ -33,6 +33,7 @@ def confidence_interval(accs: Sequence[float]) -> tuple[float, float]:
     if a.size == 0: raise TGRError("no accuracies to summarise: evaluate at least one task")
     return float(a.mean()), (float(1.96 * a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else float("nan"))
 
+# %% ../nbs/10_evaluate.ipynb
 @dataclass
 class MetaTestResult:
     "Few-shot accuracy over seeded meta-test tasks, in %: mean, 95 % confidence half-width, per-task values, and the protocol used."
@@ -67,6 +68,7 @@ def _episodes_fingerprint(sampler: EpisodeSampler) -> str:
 def _channels_last(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
+# %% ../nbs/10_evaluate.ipynb
 def meta_test(model: nn.Module, dataset: FewShotDataset, way: int, shot: int, query: int = 15, n_tasks: int = 600,
               inner_steps: int = 10, inner_lr: float = 0.01, seed: int = 0, device=None, vectorize: bool | None = None,
               task_batch: int = 8, eval_steps: Sequence[int] | None = None, show_progress: bool = True) -> MetaTestResult:
@@ -178,12 +180,14 @@ def _random_head(model: nn.Module, way: int, generator: torch.Generator | None) 
         head.bias.copy_(torch.rand(head.bias.shape, generator=generator) * 2 * bound - bound)
     return head
 
+# %% ../nbs/10_evaluate.ipynb
 def _keep_head(model: nn.Module, way: int, generator: torch.Generator | None) -> nn.Linear:
     if model.head.out_features != way:
         raise TGRError(f"head='keep' needs a {way}-output head, but this model's head has {model.head.out_features}; "
                        "use head='zero' or 'random'")
     return copy.deepcopy(model.head)
 
+# %% ../nbs/10_evaluate.ipynb
 HEAD_INITS: dict[str, Callable[[nn.Module, int, torch.Generator | None], nn.Linear]] = {
     "zero": _zero_head, "random": _random_head, "keep": _keep_head}
 
@@ -198,6 +202,7 @@ def reset_head(model: nn.Module, way: int, init: str = "zero", seed: int = 0) ->
     if hasattr(new, "n_classes"): new.n_classes = way
     return new.requires_grad_(True)
 
+# %% ../nbs/10_evaluate.ipynb
 TEST_HEADS = ("zero", "keep")
 
 def head_rule(model: nn.Module, way: int, rule: str = "zero") -> nn.Module:
@@ -219,6 +224,7 @@ def _member_model(m: PoolMember) -> nn.Module:
     net.load_state_dict(m.weights)
     return net
 
+# %% ../nbs/10_evaluate.ipynb
 def _arch_members(pool: Pool, arch: str | None) -> tuple[str, list[PoolMember]]:
     if not len(pool): raise TGRError("the pool is empty: build one with tgr.pool.build_pool")
     counts = Counter(m.arch for m in pool)
@@ -234,11 +240,13 @@ def _finetune(pool: Pool, seed: int, arch: str | None) -> nn.Module:
         torch.manual_seed(int(seed))
         return build_model(arch or "conv4", ref.n_classes, ref.img_size, ref.in_ch)
 
+# %% ../nbs/10_evaluate.ipynb
 def _best_model(pool: Pool, seed: int, arch: str | None) -> nn.Module:
     members = _arch_members(pool, arch)[1] if arch else list(pool)
     if not members: raise TGRError("the pool is empty: build one with tgr.pool.build_pool")
     return _member_model(max(members, key=lambda m: (m.heldout_acc, -m.index)))
 
+# %% ../nbs/10_evaluate.ipynb
 def _average(pool: Pool, seed: int, arch: str | None) -> nn.Module:
     arch, members = _arch_members(pool, arch)
     shapes = {tuple((k, tuple(v.shape)) for k, v in m.weights.items()) for m in members}
@@ -253,6 +261,7 @@ def _average(pool: Pool, seed: int, arch: str | None) -> nn.Module:
     net.load_state_dict(avg)
     return net
 
+# %% ../nbs/10_evaluate.ipynb
 BASELINES: dict[str, Baseline] = {
     "finetune": Baseline(_finetune, "random initialisation (seeded), adapted on the support set"),
     "best_model": Baseline(_best_model, "the pool member with the highest reported held-out accuracy, adapted on the support set"),
@@ -264,6 +273,7 @@ def build_baseline(name: str, pool: Pool, way: int = 5, seed: int = 0, arch: str
     if name not in BASELINES: raise TGRError(f"unknown baseline {name!r}; choose from {list(BASELINES)}")
     return reset_head(BASELINES[name].build(pool, seed, arch), way, head, seed)
 
+# %% ../nbs/10_evaluate.ipynb
 def evaluate_baselines(pool: Pool, dataset: FewShotDataset, way: int, shot: int, names: Sequence[str] = tuple(BASELINES),
                        seed: int = 0, arch: str | None = None, head: str = "zero", **meta_test_kw) -> dict[str, MetaTestResult]:
     """`meta_test` each baseline in `names` on the same seeded episodes of `dataset`; `meta_test_kw` go to `meta_test`.
@@ -274,6 +284,7 @@ def evaluate_baselines(pool: Pool, dataset: FewShotDataset, way: int, shot: int,
                        else build_baseline(n, pool, way, seed, arch, head))
     return {n: meta_test(start(n), dataset, way, shot, seed=seed, **meta_test_kw) for n in names}
 
+# %% ../nbs/10_evaluate.ipynb
 def results_table(results: Mapping[str, Mapping[str, MetaTestResult]]) -> str:
     "A text table: one row per method, one column per setting (e.g. '5-way 1-shot'), cells 'acc ± ci95'."
     cols = list(dict.fromkeys(c for row in results.values() for c in row))

@@ -40,6 +40,7 @@ def _param_names(model: nn.Module, params) -> list[str]:
     if not names: raise TGRError("params is empty: name at least one parameter")
     return names
 
+# %% ../nbs/05_fim.ipynb
 def _check_xy(x, y, weights=None):
     if not isinstance(x, Tensor) or x.dim() < 2: raise TGRError(f"x must be a batch tensor (N, ...), got {getattr(x, 'shape', type(x).__name__)}")
     y = torch.as_tensor(y)
@@ -50,6 +51,7 @@ def _check_xy(x, y, weights=None):
         if weights.shape != (len(x),): raise TGRError(f"weights must have shape ({len(x)},), got {tuple(weights.shape)}")
     return y.long(), weights
 
+# %% ../nbs/05_fim.ipynb
 def diag_fim(model: nn.Module, x: Tensor, y: Tensor, params: Sequence[str] | None = None, chunk_size: int = 32,
              weights: Tensor | None = None) -> Tensor:
     """Diagonal of the empirical Fisher (Eq. 5): mean over samples of the squared per-sample gradient of
@@ -78,6 +80,7 @@ def diag_fim(model: nn.Module, x: Tensor, y: Tensor, params: Sequence[str] | Non
             for n in names: acc[n] += torch.tensordot(ws, g[n].square(), dims=1)
     return torch.cat([acc[n].flatten() for n in names])
 
+# %% ../nbs/05_fim.ipynb
 def diag_fim_loop(model: nn.Module, x: Tensor, y: Tensor, params: Sequence[str] | None = None,
                   weights: Tensor | None = None) -> Tensor:
     "Reference for `diag_fim`: the same quantity with one backward pass per sample (a Python loop)."
@@ -122,6 +125,7 @@ class Probe:
             return torch.cat([self.encoder(x[i:i + batch]) for i in range(0, len(x), batch)])
     def n_params(self) -> int: return sum(p.numel() for p in self.encoder.parameters())
 
+# %% ../nbs/05_fim.ipynb
 def _weights_hash(module: nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in sorted(module.state_dict().items()):
@@ -133,6 +137,7 @@ def _finish(name: str, encoder: nn.Module, feat_dim: int, settings: dict, device
     key = config_hash({"probe": name, **settings, "weights": _weights_hash(encoder)})
     return Probe(name, encoder, feat_dim, key, **kw)
 
+# %% ../nbs/05_fim.ipynb
 def _img_size(tasks, pool) -> int:
     if tasks: return int(tasks[0].x.shape[-1])
     if pool: return int(pool[0].img_size)
@@ -148,6 +153,7 @@ def random_probe(arch: str = "conv4", seed: int = 0, pool=None, tasks=None, devi
     return _finish(f"random-{arch}", m.encoder, m.feat_dim, dict(arch=arch, seed=seed, img_size=size), device,
                    description=f"untrained {arch}, seed {seed}")
 
+# %% ../nbs/05_fim.ipynb
 def member_probe(index: int = 0, pool=None, tasks=None, device=None) -> Probe:
     "The encoder of pool member at position `index` (trained on its own 5 real classes)."
     if pool is None or not 0 <= index < len(pool): raise TGRError(f"the 'member' probe needs a pool with a member at position {index}")
@@ -161,6 +167,7 @@ def task_fingerprint(task: RecoveredTask) -> str:
     for t in (task.x, task.y): h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
+# %% ../nbs/05_fim.ipynb
 def _task_labels(tasks: Sequence[RecoveredTask]) -> tuple[Tensor, Tensor, int]:
     "All images of `tasks` with one label per (global class), or per (member, class) when classes are unknown."
     ids = {}
@@ -171,6 +178,7 @@ def _task_labels(tasks: Sequence[RecoveredTask]) -> tuple[Tensor, Tensor, int]:
         xs.append(t.x); ys.append(lab)
     return torch.cat(xs), torch.cat(ys), len(ids)
 
+# %% ../nbs/05_fim.ipynb
 def distilled_probe(pool=None, tasks=None, arch: str = "conv4", epochs: int = 20, lr: float = 1e-3, batch_size: int = 64,
                     seed: int = 0, device=None, cache: bool = True) -> Probe:
     """An `arch` encoder trained on the union of the pool's recovered tasks, labelled by global class
@@ -200,6 +208,7 @@ def distilled_probe(pool=None, tasks=None, arch: str = "conv4", epochs: int = 20
     return _finish("distilled", m.encoder, m.feat_dim, settings, device,
                    description=f"{arch} trained {epochs} epochs on {len(tasks)} recovered tasks ({n_cls} classes)")
 
+# %% ../nbs/05_fim.ipynb
 RESNET34_ENV = "TGR_RESNET34_WEIGHTS"
 
 def resnet34_weights_path() -> Path:
@@ -208,6 +217,7 @@ def resnet34_weights_path() -> Path:
     if os.environ.get(RESNET34_ENV): return Path(os.environ[RESNET34_ENV])
     return Path(torch.hub.get_dir())/"checkpoints"/Path(ResNet34_Weights.IMAGENET1K_V1.url).name
 
+# %% ../nbs/05_fim.ipynb
 def imagenet_resnet34(weights: str | Path | None = None, input_size: int = 224, pool=None, tasks=None, device=None) -> Probe:
     "torchvision's ResNet-34 with ImageNet weights read from a local file (the paper's probe, Appendix A)."
     from torchvision.models import resnet34, ResNet34_Weights
@@ -229,6 +239,7 @@ def imagenet_resnet34(weights: str | Path | None = None, input_size: int = 224, 
     return _finish("imagenet-resnet34", net, 512, dict(input_size=input_size), device, input_size=input_size,
                    mean=tuple(t.mean), std=tuple(t.std), description=f"torchvision ResNet-34, ImageNet weights, {input_size} px")
 
+# %% ../nbs/05_fim.ipynb
 PROBES: dict[str, Callable[..., Probe]] = {
     "random-conv4": lambda **kw: random_probe("conv4", **kw),
     "random-resnet10": lambda **kw: random_probe("resnet10", **kw),
@@ -249,15 +260,18 @@ def make_probe(probe: str | Probe | None = None, pool=None, tasks=None, device=N
 def _labels_task(p: Tensor, y: Tensor, g: torch.Generator):
     "Empirical Fisher (Eq. 5): the recovered task's own hard labels."
     return y, None, None
+
 def _labels_sampled(p: Tensor, y: Tensor, g: torch.Generator):
     "Monte Carlo true Fisher (Task2Vec): one label per image drawn from the fitted head's prediction."
     return torch.multinomial(p.cpu(), 1, generator=g).squeeze(1).to(y.device), None, None
+
 def _labels_expected(p: Tensor, y: Tensor, g: torch.Generator):
     "Exact true Fisher: every label k for every image, weighted by the head's probability p(k|x)."
     n, k = p.shape
     return (torch.arange(k, device=y.device).repeat_interleave(n), (p.T.reshape(-1) / n).float(),
             torch.arange(n, device=y.device).repeat(k))
 
+# %% ../nbs/05_fim.ipynb
 FISHER_LABELS: dict[str, Callable] = {"task": _labels_task, "sampled": _labels_sampled, "expected": _labels_expected}
 
 PARAM_SETS: dict[str, Callable[[nn.Module], list[str]]] = {
@@ -282,9 +296,11 @@ class TaskEmbedding:
     key: str = ""
     def to_dict(self) -> dict: return {f.name: getattr(self, f.name) for f in fields(self)}
 
+# %% ../nbs/05_fim.ipynb
 def _check_choice(name: str, value, registry: dict):
     if value not in registry: raise TGRError(f"unknown {name} {value!r}; choose one of {list(registry)}")
 
+# %% ../nbs/05_fim.ipynb
 def fit_head(features: Tensor, y: Tensor, n_classes: int, C: float = 1.0) -> nn.Linear:
     "A task-specific linear head: L2-regularised multinomial logistic regression (scikit-learn) on frozen features."
     from sklearn.linear_model import LogisticRegression
@@ -300,6 +316,7 @@ def fit_head(features: Tensor, y: Tensor, n_classes: int, C: float = 1.0) -> nn.
         for r, c in enumerate(present): head.weight[int(c)], head.bias[int(c)] = coef[r], icpt[r]
     return head
 
+# %% ../nbs/05_fim.ipynb
 def embed_task(task: RecoveredTask, probe: Probe, labels: str = "task", params: str = "encoder", head_C: float = 1.0,
                seed: int = 0, chunk_size: int = 32) -> TaskEmbedding:
     """Task2Vec-style embedding of a recovered task: fit a task-specific head on the frozen probe's features with
@@ -343,9 +360,11 @@ class PoolEmbedding:
         return config_hash(self.keys, n=16)
     def __len__(self) -> int: return len(self.keys)
 
+# %% ../nbs/05_fim.ipynb
 def embedding_key(task: RecoveredTask, probe: Probe, labels: str, params: str, head_C: float, seed: int) -> str:
     return config_hash(dict(task=task_fingerprint(task), probe=probe.key, labels=labels, params=params, head_C=head_C, seed=seed))
 
+# %% ../nbs/05_fim.ipynb
 def embed_pool(pool, tasks: Sequence[RecoveredTask], probe: str | Probe | None = None, labels: str = DEFAULT_LABELS,
                params: str = "encoder", head_C: float = 1.0, seed: int = 0, out_dir: str | Path | None = None,
                cache: bool = True, device=None, show_progress: bool = True, probe_kw: dict | None = None) -> PoolEmbedding:
@@ -373,6 +392,7 @@ def embed_pool(pool, tasks: Sequence[RecoveredTask], probe: str | Probe | None =
     return PoolEmbedding(torch.stack(rows), [t.member_index for t in tasks], probe.name, probe.key, labels, params, keys,
                          secs, hits)
 
+# %% ../nbs/05_fim.ipynb
 def _as_matrix(E) -> Tensor:
     if isinstance(E, PoolEmbedding): E = E.E
     elif isinstance(E, (list, tuple)) and E and isinstance(E[0], TaskEmbedding): E = torch.stack([e.fisher for e in E])
@@ -382,6 +402,7 @@ def _as_matrix(E) -> Tensor:
     if (E < 0).any(): raise TGRError("E has negative entries, but a diagonal Fisher is non-negative: pass squared-gradient means")
     return E
 
+# %% ../nbs/05_fim.ipynb
 def dissimilarity(E, eps: float = 1e-8, max_elements: int = 2**24) -> Tensor:
     """Eq. 6: W_ij = 1 - cos(F_i/(F_i+F_j+eps), F_j/(F_i+F_j+eps)), in [0, 1], symmetric, zero diagonal.
     E is first divided by its global mean (Eq. 6 does not change under a common scale) so `eps` is relative.
@@ -400,6 +421,7 @@ def dissimilarity(E, eps: float = 1e-8, max_elements: int = 2**24) -> Tensor:
             W[i, s:s + step] = (1 - cos).clamp(0, 1)
     return W + W.T
 
+# %% ../nbs/05_fim.ipynb
 def similarity(E, eps: float = 1e-12) -> Tensor:
     "Appendix E: S_ij = cos(F_i/||F_i||, F_j/||F_j||), in [0, 1] for non-negative embeddings, ones on the diagonal."
     E = _as_matrix(E)

@@ -19,6 +19,8 @@ from .inversion import (AUGMENTATIONS, RecoveredTask, BNStatHooks, InversionTrac
                            generator_forward)
 from .replay import MetaForward
 
+from fastcore.basics import patch
+
 # %% auto 0
 __all__ = ['OPTIMIZERS', 'STUDENT_BN', 'FIVE_PRESETS', 'GeneratorLoss', 'generator_loss', 'FiveConfig', 'five_config',
            'MetaGenerator', 'five_recover', 'benchmark_five', 'benchmark_in_subprocess']
@@ -36,6 +38,7 @@ class GeneratorLoss:
         "The parts and the total as floats (what a `RecoveredTask` records per step)."
         return dict(total=self.total.item(), ce=self.ce, kl=self.kl, bn=self.bn, agree=self.agree)
 
+# %% ../nbs/04a_five.ipynb
 def generator_loss(teacher_logits: Tensor, y: Tensor, student_logits: Tensor | None = None, l_bn: Tensor | None = None,
                    *, kl_weight: float = 1.0, bn_weight: float = 1.0) -> GeneratorLoss:
     """L_G = CE(M(X), Y) - kl_weight * mean_i[eta_i KL(M(x_i) || F(x_i))] + bn_weight * L_BN  (FREE Eq. 1, with
@@ -71,6 +74,7 @@ def _student_batch_stats(student: nn.Module):
 def _student_running_stats(student: nn.Module):
     with eval_frozen(student): yield student
 
+# %% ../nbs/04a_five.ipynb
 STUDENT_BN: dict[str, Callable] = {"batch": _student_batch_stats, "running": _student_running_stats}
 
 
@@ -101,6 +105,7 @@ class FiveConfig:
         for n, reg in (("inner_optimizer", OPTIMIZERS), ("outer_optimizer", OPTIMIZERS), ("student_bn", STUDENT_BN)):
             if getattr(self, n) not in reg: raise TGRError(f"unknown {n} {getattr(self, n)!r}; choose one of {list(reg)}")
 
+# %% ../nbs/04a_five.ipynb
 FIVE_PRESETS: dict[str, FiveConfig] = {"paper": FiveConfig(), "demo": FiveConfig(ngf=32)}
 
 def five_config(cfg: FiveConfig | str | dict | None = None, **overrides) -> FiveConfig:
@@ -128,6 +133,7 @@ def _latent(seed: int, key: int, n: int, z_dim: int) -> Tensor:
     torch.randint(2**62, (1,), generator=g)
     return torch.randn(n, z_dim, generator=g)
 
+# %% ../nbs/04a_five.ipynb
 class MetaGenerator:
     """FIVE's meta-generator: a Table 7 generator meta-learned with Algorithm 1 so that `k` adaptation steps on Eq. 1
     recover a task from any teacher of the pool; holds its outer optimiser. `state_dict()` checkpoints both."""
@@ -145,43 +151,6 @@ class MetaGenerator:
         self.optimizer = OPTIMIZERS[self.cfg.outer_optimizer](self.generator.parameters(), self.cfg.outer_lr)
         self.n_updates = 0
 
-    def __repr__(self):
-        c = self.cfg
-        return (f"MetaGenerator({self.img_size} px, {self.in_ch} ch, ngf={c.ngf}, k={c.k}, inner {c.inner_optimizer} "
-                f"lr {c.inner_lr}, outer {c.outer_optimizer} lr {c.outer_lr}, {self.n_updates} updates, {self.device})")
-
-    def to(self, device) -> "MetaGenerator":
-        "Move the generator and the outer optimiser's state to `device`."
-        self.device = get_device(device); self.generator.to(self.device)
-        for st in self.optimizer.state.values():
-            for key, v in st.items():
-                if isinstance(v, Tensor) and v.dim() > 0: st[key] = v.to(self.device)
-        return self
-
-    def state_dict(self) -> dict:
-        "A snapshot (copies, not live references): weights, outer optimiser state, update count, settings."
-        return {"generator": {k: v.detach().clone() for k, v in self.generator.state_dict().items()},
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "n_updates": self.n_updates,
-                "config": asdict(self.cfg), "img_size": self.img_size, "in_ch": self.in_ch, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> "MetaGenerator":
-        "Restore a `state_dict()`, settings included, so that meta-training resumes exactly where it was saved."
-        need = {"generator", "optimizer", "n_updates", "config", "img_size", "in_ch"}
-        if not isinstance(state, dict) or need - set(state):
-            raise TGRError(f"not a MetaGenerator state: expected a dict with keys {sorted(need)} (from MetaGenerator.state_dict())")
-        cfg = five_config(dict(state["config"]))
-        got = (cfg.z_dim, cfg.ngf, state["img_size"], state["in_ch"])
-        have = (self.cfg.z_dim, self.cfg.ngf, self.img_size, self.in_ch)
-        if got != have:
-            raise TGRError(f"the saved meta-generator has (z_dim, ngf, img_size, in_ch) = {got} but this one {have}; "
-                           "rebuild it with MetaGenerator.from_state_dict(state)")
-        self.generator.load_state_dict(state["generator"])
-        self.cfg = cfg
-        self.optimizer = OPTIMIZERS[cfg.outer_optimizer](self.generator.parameters(), cfg.outer_lr)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.n_updates, self.seed = int(state["n_updates"]), state.get("seed", self.seed)
-        return self
-
     @classmethod
     def from_state_dict(cls, state: dict, device=None) -> "MetaGenerator":
         "A meta-generator rebuilt from a `state_dict()`."
@@ -198,12 +167,57 @@ class MetaGenerator:
         G = copy.deepcopy(self.generator).train()               # a copy: the BN running statistics stay as they are
         return generator_forward(G, z, self.cfg.fused).cpu()
 
-    def recover(self, teachers, n_classes, per_class: int = 30, *, k: int | None = None, student: nn.Module | None = None,
-                seed: int = 0, member_indices: Sequence[int] | None = None, classes=None, update: bool = True,
-                show_progress: bool = False) -> list[RecoveredTask]:
-        "Algorithm 1 on a batch of teachers; see `five_recover`."
-        return _five_batch(self, teachers, n_classes, per_class, k, student, seed, member_indices, classes, update,
-                           show_progress)
+# %% ../nbs/04a_five.ipynb
+@patch
+def __repr__(self: MetaGenerator):
+    c = self.cfg
+    return (f"MetaGenerator({self.img_size} px, {self.in_ch} ch, ngf={c.ngf}, k={c.k}, inner {c.inner_optimizer} "
+            f"lr {c.inner_lr}, outer {c.outer_optimizer} lr {c.outer_lr}, {self.n_updates} updates, {self.device})")
+
+@patch
+def to(self: MetaGenerator, device) -> "MetaGenerator":
+    "Move the generator and the outer optimiser's state to `device`."
+    self.device = get_device(device); self.generator.to(self.device)
+    for st in self.optimizer.state.values():
+        for key, v in st.items():
+            if isinstance(v, Tensor) and v.dim() > 0: st[key] = v.to(self.device)
+    return self
+
+@patch
+def state_dict(self: MetaGenerator) -> dict:
+    "A snapshot (copies, not live references): weights, outer optimiser state, update count, settings."
+    return {"generator": {k: v.detach().clone() for k, v in self.generator.state_dict().items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()), "n_updates": self.n_updates,
+            "config": asdict(self.cfg), "img_size": self.img_size, "in_ch": self.in_ch, "seed": self.seed}
+
+# %% ../nbs/04a_five.ipynb
+@patch
+def load_state_dict(self: MetaGenerator, state: dict) -> "MetaGenerator":
+    "Restore a `state_dict()`, settings included, so that meta-training resumes exactly where it was saved."
+    need = {"generator", "optimizer", "n_updates", "config", "img_size", "in_ch"}
+    if not isinstance(state, dict) or need - set(state):
+        raise TGRError(f"not a MetaGenerator state: expected a dict with keys {sorted(need)} (from MetaGenerator.state_dict())")
+    cfg = five_config(dict(state["config"]))
+    got = (cfg.z_dim, cfg.ngf, state["img_size"], state["in_ch"])
+    have = (self.cfg.z_dim, self.cfg.ngf, self.img_size, self.in_ch)
+    if got != have:
+        raise TGRError(f"the saved meta-generator has (z_dim, ngf, img_size, in_ch) = {got} but this one {have}; "
+                       "rebuild it with MetaGenerator.from_state_dict(state)")
+    self.generator.load_state_dict(state["generator"])
+    self.cfg = cfg
+    self.optimizer = OPTIMIZERS[cfg.outer_optimizer](self.generator.parameters(), cfg.outer_lr)
+    self.optimizer.load_state_dict(state["optimizer"])
+    self.n_updates, self.seed = int(state["n_updates"]), state.get("seed", self.seed)
+    return self
+
+# %% ../nbs/04a_five.ipynb
+@patch
+def recover(self: MetaGenerator, teachers, n_classes, per_class: int = 30, *, k: int | None = None, student: nn.Module | None = None,
+            seed: int = 0, member_indices: Sequence[int] | None = None, classes=None, update: bool = True,
+            show_progress: bool = False) -> list[RecoveredTask]:
+    "Algorithm 1 on a batch of teachers; see `five_recover`."
+    return _five_batch(self, teachers, n_classes, per_class, k, student, seed, member_indices, classes, update,
+                       show_progress)
 
 # %% ../nbs/04a_five.ipynb
 def _per_teacher(name, v, b):
@@ -211,6 +225,7 @@ def _per_teacher(name, v, b):
     if len(vs) != b: raise TGRError(f"{name} has {len(vs)} entries for {b} teachers: give one per teacher (or one for all)")
     return vs
 
+# %% ../nbs/04a_five.ipynb
 def _check_teacher(i: int, t, n: int, mg: MetaGenerator) -> None:
     if not isinstance(t, nn.Module): raise TGRError(f"teacher {i} must be a torch nn.Module, got {type(t).__name__}")
     tn = getattr(t, "n_classes", None)
@@ -226,6 +241,7 @@ def _check_teacher(i: int, t, n: int, mg: MetaGenerator) -> None:
         raise TGRError(f"teacher {i} is on {p.device} but the meta-generator is on {mg.device}: move the teacher there "
                        "(member.model(device)) or pass device= to five_recover")
 
+# %% ../nbs/04a_five.ipynb
 def _teacher_logits(i: int, t: nn.Module, x: Tensor, n: int) -> Tensor:
     try: logits = t(x)
     except RuntimeError as e:
@@ -303,6 +319,7 @@ def _meta_update(mg: MetaGenerator, meta_grad: list, tasks: list) -> None:
     mg.n_updates += 1
     for t in tasks: t.seconds += (time.perf_counter() - t0) / len(tasks)
 
+# %% ../nbs/04a_five.ipynb
 def _five_batch(mg: MetaGenerator, teachers, n_classes, per_class, k, student, seed, member_indices, classes, update,
                 show_progress) -> list[RecoveredTask]:
     teachers, ns, keys, idx, cls, k = _five_inputs(mg, teachers, n_classes, per_class, k, student, seed, member_indices, classes)

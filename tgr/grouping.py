@@ -35,6 +35,7 @@ class Spread:
     @property
     def relative(self) -> float: return self.std / max(abs(self.mean), 1e-12)
 
+# %% ../nbs/06_grouping.ipynb
 def affinity_spread(W) -> Spread:
     "Mean, std, min and max of the off-diagonal entries of `W`."
     W = np.asarray(W, dtype=np.float64)
@@ -42,6 +43,7 @@ def affinity_spread(W) -> Spread:
     if off.size == 0: return Spread(0.0, 0.0, 0.0, 0.0)
     return Spread(float(off.mean()), float(off.std()), float(off.min()), float(off.max()))
 
+# %% ../nbs/06_grouping.ipynb
 MIN_RELATIVE_SPREAD = 0.02
 
 def _check_affinity(W, mode: str) -> np.ndarray:
@@ -65,6 +67,7 @@ def _spectral(W: np.ndarray, n_groups: int, seed: int) -> np.ndarray:
 
 def _balanced_sizes(n: int, k: int) -> list[int]: return [n // k + (1 if g < n % k else 0) for g in range(k)]
 
+# %% ../nbs/06_grouping.ipynb
 def _exchange(W: np.ndarray, labels: np.ndarray, k: int, max_swaps: int) -> np.ndarray:
     "Best-improvement swaps of two models in different groups, while a swap raises the within-group sum of `W`."
     labels = labels.copy(); idx = np.arange(len(W))
@@ -80,6 +83,7 @@ def _exchange(W: np.ndarray, labels: np.ndarray, k: int, max_swaps: int) -> np.n
         labels[i], labels[j] = b, a
     return labels
 
+# %% ../nbs/06_grouping.ipynb
 def _balanced(W: np.ndarray, n_groups: int, seed: int, n_init: int = 10, max_swaps: int = 100_000) -> np.ndarray:
     "Equal-size groups (sizes differ by at most one) with the largest within-group sum of `W`, best of `n_init` seeded starts."
     base = np.repeat(np.arange(n_groups), _balanced_sizes(len(W), n_groups))
@@ -90,12 +94,14 @@ def _balanced(W: np.ndarray, n_groups: int, seed: int, n_init: int = 10, max_swa
         if val > best_val + 1e-12: best, best_val = lab, val
     return best
 
+# %% ../nbs/06_grouping.ipynb
 METHODS = {"spectral": _spectral, "balanced": _balanced}
 
 def _as_groups(labels: np.ndarray) -> list[list[int]]:
     groups = [sorted(np.flatnonzero(labels == k).tolist()) for k in np.unique(labels)]
     return sorted(groups, key=lambda g: g[0])
 
+# %% ../nbs/06_grouping.ipynb
 def choose_n_groups(W, candidates: Sequence[int] = range(2, 10), seed: int = 0, mode: str = "dissimilarity") -> tuple[int, dict]:
     """The number of groups c with the highest Calinski-Harabasz index, each candidate grouping scored in the
     c-dimensional spectral embedding of `W` it was clustered in (the eigenvectors of Eq. 7)."""
@@ -109,6 +115,7 @@ def choose_n_groups(W, candidates: Sequence[int] = range(2, 10), seed: int = 0, 
         scores[c] = float(calinski_harabasz_score(X, lab)) if len(np.unique(lab)) > 1 else float("-inf")
     return max(scores, key=scores.get), scores
 
+# %% ../nbs/06_grouping.ipynb
 def group_models(W, n_groups: int | str = 5, seed: int = 0, mode: str = "dissimilarity",
                  candidates: Sequence[int] = range(2, 10), warn_spread: bool = True,
                  method: str = "spectral") -> list[list[int]]:
@@ -138,6 +145,7 @@ def group_models(W, n_groups: int | str = 5, seed: int = 0, mode: str = "dissimi
     if n_groups == n: return [[i] for i in range(n)]
     return _as_groups(METHODS[method](W, int(n_groups), seed))
 
+# %% ../nbs/06_grouping.ipynb
 def within_group_mean(W, groups: Sequence[Sequence[int]]) -> float:
     "Mean of W over all pairs i < j that share a group."
     W = np.asarray(W, dtype=np.float64)
@@ -168,6 +176,7 @@ class TaskGrouping:
     key: str                            # identity of W: the ordered embedding keys (hence the pool) + mode
     seconds: dict = field(default_factory=dict)
 
+# %% ../nbs/06_grouping.ipynb
 def task_groups(pool, n_groups: int | str = 5, inversion: InversionConfig | str | None = None, probe=None,
                 labels: str = DEFAULT_LABELS, params: str = "encoder", mode: str = "dissimilarity", seed: int = 0,
                 tasks=None, device=None, cache: bool = True, show_progress: bool = True, method: str = "spectral") -> TaskGrouping:

@@ -36,6 +36,7 @@ def _check_params(params) -> Params:
             raise TGRError(f"params[{k!r}] has dtype {v.dtype}: gradients need floating tensors (float32 or float64)")
     return {k: v.detach() for k, v in params.items()}
 
+# %% ../nbs/07_igr.ipynb
 def _check_loss_fns(loss_fns) -> list:
     "The task losses as a list, after checking there is at least one and all are callable."
     if callable(loss_fns):
@@ -49,6 +50,7 @@ def _check_loss_fns(loss_fns) -> list:
 
 def _check_beta(beta) -> float: return check_number("beta", beta, hint="the paper uses beta=0.001")
 
+# %% ../nbs/07_igr.ipynb
 def _scalar_loss(f: Callable, i: int) -> Callable:
     "Wrap task `i`'s loss so that anything but a one-element floating tensor is a TGRError naming the task."
     def wrapped(p, *rest):
@@ -65,6 +67,7 @@ def _scalar_loss(f: Callable, i: int) -> Callable:
 def _mean_dict(ds: Sequence[Params]) -> Params:
     return {k: torch.stack([d[k] for d in ds]).mean(0) for k in ds[0]}
 
+# %% ../nbs/07_igr.ipynb
 @dataclass
 class GradStats:
     "Task-gradient statistics at one point: ERM gradient, the variance regularizer, pairwise cosines, losses."
@@ -83,6 +86,7 @@ class GradStats:
         return (f"GradStats(m={self.m}, variance={self.variance.item():.4g}, "
                 f"mean_cosine={self.mean_cosine.item():.4g}, mean_loss={self.losses.mean().item():.4g})")
 
+# %% ../nbs/07_igr.ipynb
 def _stats(grads: list[Params], losses: Tensor) -> GradStats:
     m, mean = len(grads), _mean_dict(grads)
     ref = next(iter(mean.values()))
@@ -94,6 +98,7 @@ def _stats(grads: list[Params], losses: Tensor) -> GradStats:
     norms = gram.diagonal().clamp_min(torch.finfo(gram.dtype).tiny).sqrt()
     return GradStats(erm=mean, variance=dev2 / (2 * m), cosine=gram / norms[:, None] / norms[None, :], losses=losses)
 
+# %% ../nbs/07_igr.ipynb
 def _task_grads(fns: list, params: Params, *extra) -> tuple[list[Params], Tensor]:
     "Gradient and value of each task loss at `params` (first-order only: no graph is kept)."
     grads, losses = [], []
@@ -106,6 +111,7 @@ def task_gradients(loss_fns: Sequence[LossFn], params: Params) -> list[Params]:
     "The gradient of each task loss at `params`, as dicts with the keys of `params`."
     return _task_grads(_check_loss_fns(loss_fns), _check_params(params))[0]
 
+# %% ../nbs/07_igr.ipynb
 def gradient_stats(loss_fns: Sequence[LossFn], params: Params) -> GradStats:
     "ERM gradient, gradient variance, pairwise cosines and losses of the tasks at `params`, from one pass."
     return _stats(*_task_grads(_check_loss_fns(loss_fns), _check_params(params)))
@@ -118,6 +124,7 @@ def gradient_variance(loss_fns: Sequence[LossFn], params: Params) -> Tensor:
     "(1/(2m)) sum_i ||grad L_i - grad Lbar||^2 at `params` (0-dim tensor): the regularizer of Thm 4.1 (Fig. 5)."
     return gradient_stats(loss_fns, params).variance
 
+# %% ../nbs/07_igr.ipynb
 def gradient_cosine(loss_fns: Sequence[LossFn], params: Params) -> Tensor:
     "Mean pairwise cosine similarity of the task gradients at `params` (0-dim tensor; NaN for one task)."
     return gradient_stats(loss_fns, params).mean_cosine
@@ -138,6 +145,7 @@ def igr_gradient(loss_fns: Sequence[LossFn], params: Params, beta: float) -> Par
     grads, _ = _task_grads(fns, params)
     return _igr_second_pass(fns, params, grads, _mean_dict(grads), beta)
 
+# %% ../nbs/07_igr.ipynb
 def regularized_gradient(loss_fns: Sequence[LossFn], params: Params, beta: float) -> Params:
     "The exact grad of (Lbar + beta * gradient_variance), by double backward: what IGR approximates to O(beta^2)."
     fns, params, beta = _check_loss_fns(loss_fns), _check_params(params), _check_beta(beta)
@@ -166,6 +174,7 @@ class ModuleTaskLoss:
     def with_buffers(self, params: Params, buffers: Params) -> Tensor:
         return self._run(params, buffers)
 
+# %% ../nbs/07_igr.ipynb
 def _check_module_inputs(model, tasks, loss):
     if not isinstance(model, nn.Module): raise TGRError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(tasks, Tensor) or (isinstance(tasks, (tuple, list)) and len(tasks) and isinstance(tasks[0], Tensor)):
@@ -181,6 +190,7 @@ def _check_module_inputs(model, tasks, loss):
     frozen = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
     return tasks, trainable, frozen
 
+# %% ../nbs/07_igr.ipynb
 def module_loss_fns(model: nn.Module, tasks: Sequence[Sequence[Tensor]], loss: Callable) -> tuple[list[ModuleTaskLoss], Params]:
     "Pure per-task losses of `model` (one per `(x, *targets)` task) and its trainable parameters, detached."
     tasks, trainable, frozen = _check_module_inputs(model, tasks, loss)
@@ -195,6 +205,7 @@ def _module_first_pass(model, tasks, loss, update_bn):
     else: grads, losses = _task_grads(fns, params)
     return fns, trainable, params, grads, losses
 
+# %% ../nbs/07_igr.ipynb
 def _accumulate(trainable: dict[str, nn.Parameter], g: Params):
     for k, p in trainable.items(): p.grad = g[k].clone() if p.grad is None else p.grad + g[k]
 
@@ -204,6 +215,7 @@ def erm_step(model: nn.Module, tasks: Sequence, loss: Callable, update_bn: bool 
     st = _stats(grads, losses); _accumulate(trainable, st.erm)
     return st
 
+# %% ../nbs/07_igr.ipynb
 def igr_step(model: nn.Module, tasks: Sequence, loss: Callable, beta: float, update_bn: bool = True) -> GradStats:
     "Add g_IGR (Thm 4.1) to `.grad` of `model`'s trainable parameters; return the `GradStats` at the current weights."
     beta = _check_beta(beta)

@@ -37,11 +37,13 @@ def eval_frozen(model: nn.Module):
         for m, t in modes.items(): m.training = t
         for p, r in flags.items(): p.requires_grad_(r)
 
+# %% ../nbs/04_inversion.ipynb
 def bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     "The BatchNorm layers of `model` that keep running statistics (the ones Eq. 4 can match)."
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats
             and m.running_mean is not None]
 
+# %% ../nbs/04_inversion.ipynb
 class BNStatHooks:
     "Context manager: forward hooks on every BN layer collect the Eq. 4 terms of each forward pass; all removed on exit."
     def __init__(self, model: nn.Module):
@@ -81,6 +83,7 @@ def _fusable(G: nn.Module) -> bool:
             and isinstance(b.up2, nn.Upsample) and b.up2.mode == "nearest"
             and all(c.kernel_size == (3, 3) and c.padding == (1, 1) and c.stride == (1, 1) for c in (b.conv1, b.conv2)))
 
+# %% ../nbs/04_inversion.ipynb
 def generator_forward(G: Generator, z: Tensor, fused: bool = True) -> Tensor:
     """`G(z)` with each upsample + 3x3 conv pair run as one stride-2 transposed conv (same function, 2.25x fewer
     multiply-adds in those layers); plain `G(z)` when `fused` is False or the layout does not allow it."""
@@ -110,6 +113,7 @@ def random_augment(x: Tensor, mode: str = "affine", generator: torch.Generator |
     theta = torch.stack([torch.stack([c * flip, -sn, t[:, 0]], 1), torch.stack([sn * flip, c, t[:, 1]], 1)], 1)
     return F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), padding_mode="border", align_corners=False)
 
+# %% ../nbs/04_inversion.ipynb
 def default_augment(benchmark: str) -> str:
     "The augmentation that keeps classes on `benchmark`: flips for natural images, none for letters and unknown folders."
     natural = {"cifar-fs", "mini-imagenet", "cub"}
@@ -126,6 +130,7 @@ class InversionTrace:
     best_step: int = -1
     x: Tensor | None = None
 
+# %% ../nbs/04_inversion.ipynb
 def inversion_loop(G: nn.Module, z: Tensor, loss_fn: Callable, steps: int, opt: torch.optim.Optimizer, *, augment: str = "none",
                    g_aug: torch.Generator | None = None, fused: bool = True, then: Callable | None = None,
                    then_grad: bool = True, what: str = "the inversion loss", fix: str = "lower the learning rate",
@@ -182,6 +187,7 @@ class InversionConfig:
     seed: int = 0
     augment: str = "none"           # what the teacher sees at each step: 'none' (the paper's text), 'affine', 'affine+flip'
 
+# %% ../nbs/04_inversion.ipynb
 INVERSION_PRESETS: dict[str, InversionConfig] = {
     "paper": InversionConfig(),
     "demo": InversionConfig(per_class=10, steps=30, ngf=32, lr=0.01),   # CPU notebooks and CI: about 1/40 of the paper's cost
@@ -236,6 +242,7 @@ def _start(cfg: InversionConfig, key: int, n: int, img_size: int, in_ch: int, ge
     else: G = copy.deepcopy(generator)
     return G, torch.randn(n, z_dim, generator=g), z_dim, ngf
 
+# %% ../nbs/04_inversion.ipynb
 def recover_task(teacher: nn.Module, n_classes: int, cfg: InversionConfig | str | dict | None = None, *, img_size: int = 32,
                  in_ch: int = 3, member_index: int | None = None, classes: Sequence[int] | None = None, fused: bool = True,
                  device=None, show_progress: bool = False, generator: nn.Module | None = None, **settings) -> RecoveredTask:
@@ -284,12 +291,14 @@ def task_key(member, cfg: InversionConfig) -> str:
     "Cache key of the task recovered from `member` with `cfg`: member content, member index, settings."
     return config_hash({"member": member_fingerprint(member), "index": member.index, "inversion": cfg})
 
+# %% ../nbs/04_inversion.ipynb
 def recover_member(member, cfg: InversionConfig | str | None = None, device=None, show_progress: bool = False) -> RecoveredTask:
     "Recover the task of one `PoolMember` with the settings `cfg` (no caching)."
     cfg = inversion_config(cfg)
     return recover_task(member.model(device), member.n_classes, cfg, img_size=member.img_size, in_ch=member.in_ch,
                         member_index=member.index, classes=member.classes, device=device, show_progress=show_progress)
 
+# %% ../nbs/04_inversion.ipynb
 def recover_pool_tasks(pool, cfg: InversionConfig | str | None = None, members: Sequence[int] | None = None,
                        out_dir: str | Path | None = None, cache: bool = True, device=None,
                        show_progress: bool = True) -> list[RecoveredTask]:

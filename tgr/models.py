@@ -53,6 +53,7 @@ def imagenet_stem(in_ch: int) -> tuple[nn.Module, nn.Module]:
     "torchvision's stem: 7x7 stride-2 conv to 64 channels, then 3x3 stride-2 max-pool (overall downsampling 32)."
     return nn.Conv2d(in_ch, 64, kernel_size=7, stride=2, padding=3, bias=False), nn.MaxPool2d(3, stride=2, padding=1)
 
+# %% ../nbs/02_models.ipynb
 STEMS: dict[str, Callable[[int], tuple[nn.Module, nn.Module]]] = {"small": small_stem, "imagenet": imagenet_stem}
 SMALL_STEM_BELOW = 64
 
@@ -71,6 +72,7 @@ def resolve_stem(img_size: int, stem: str | None = "auto") -> str:
                        f"('small' below {SMALL_STEM_BELOW} px, 'imagenet' from {SMALL_STEM_BELOW} px)")
     return stem
 
+# %% ../nbs/02_models.ipynb
 def resnet_encoder(arch: str, in_ch: int = 3, stem: str = "small") -> tuple[ResNet, int]:
     "torchvision's ResNet for `arch`, with the `stem` from `STEMS` and `fc` removed; returns (encoder, feat_dim)."
     block, layers = RESNET_LAYOUTS[arch]
@@ -118,6 +120,7 @@ class Classifier(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.items()) + f", feat_dim={self.feat_dim}"
 
+# %% ../nbs/02_models.ipynb
 @dataclass(frozen=True)
 class Arch:
     "A registry entry: `build(img_size, in_ch, stem) -> (encoder, feat_dim, stem_used)`."
@@ -130,6 +133,7 @@ def _build_conv4(img_size: int, in_ch: int, stem: str | None):
     enc = Conv4(in_ch)
     return enc, enc.out_dim(img_size), None
 
+# %% ../nbs/02_models.ipynb
 def _build_resnet(arch: str):
     def build(img_size: int, in_ch: int, stem: str | None):
         stem = resolve_stem(img_size, stem)
@@ -137,6 +141,7 @@ def _build_resnet(arch: str):
         return enc, d, stem
     return build
 
+# %% ../nbs/02_models.ipynb
 MODELS: dict[str, Arch] = {
     "conv4": Arch(_build_conv4, "4 x [3x3 conv 32, BN, ReLU, 2x2 max-pool] (paper Appendix A)"),
     **{name: Arch(_build_resnet(name), f"torchvision ResNet, {block.__name__} x {layers}")
@@ -155,6 +160,7 @@ def build_model(arch: str, n_classes: int, img_size: int, in_ch: int = 3, stem: 
     encoder, feat_dim, stem = MODELS[arch].build(img_size, in_ch, stem)
     return Classifier(encoder, feat_dim, n_classes, arch, img_size, in_ch, stem)
 
+# %% ../nbs/02_models.ipynb
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:
     "Number of parameters (all, or only those with `requires_grad`) of `module`."
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

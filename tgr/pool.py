@@ -117,6 +117,7 @@ def member_split(ds: FewShotDataset, cfg: PoolConfig, i: int, rng=None) -> tuple
         ho += [(j, k) for j in idx[:n_ho].tolist()]; tr += [(j, k) for j in idx[n_ho:].tolist()]
     return arch, classes, tr, ho
 
+# %% ../nbs/03_pool.ipynb
 def heldout_images(member, cfg: PoolConfig, ds: FewShotDataset) -> tuple[torch.Tensor, torch.Tensor]:
     "The held-out images of a pool member (never trained on) and their local labels: what its `heldout_acc` was measured on."
     _, classes, _, ho = member_split(ds, cfg, member.index)
@@ -178,6 +179,7 @@ class Pool(list):
         return "\n".join(lines)
     def __repr__(self): return f"Pool({len(self)} members, path={self.path})"
 
+# %% ../nbs/03_pool.ipynb
 def _dist_env(rank, world_size) -> tuple[int, int]:
     rank = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else int(world_size)
@@ -190,6 +192,7 @@ def pool_dir(cfg: PoolConfig, out_dir: str | Path | None = None, dataset: FewSho
     ds = dataset if dataset is not None else load_benchmark(cfg.benchmark, "train", root=cfg.root, img_size=cfg.img_size)
     return Path(out_dir or cache_dir("pools"))/f"pool-{config_hash({'config': cfg, 'data': ds.fingerprint()})}"
 
+# %% ../nbs/03_pool.ipynb
 def build_pool(cfg: PoolConfig = PoolConfig(), out_dir: str | Path | None = None, dataset: FewShotDataset | None = None,
                device=None, rank: int | None = None, world_size: int | None = None, show_progress: bool = True) -> Pool:
     """Train the members of `cfg` that are missing from its pool folder (this process's shard only) and
@@ -212,6 +215,7 @@ def build_pool(cfg: PoolConfig = PoolConfig(), out_dir: str | Path | None = None
         save_artifact(_train_member(ds, cfg, i, device).to_dict(), path/f"member_{i:04d}.pt")
     return load_pool(path, partial=world_size > 1)
 
+# %% ../nbs/03_pool.ipynb
 def load_pool(path: str | Path, partial: bool = False) -> Pool:
     "Read a pool folder written by `build_pool`; with `partial`, missing members are allowed."
     path = Path(path)

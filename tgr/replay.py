@@ -18,6 +18,8 @@ from torch.func import functional_call, grad, vmap
 
 from .core import TGRError, check_int, check_number
 
+from fastcore.basics import patch
+
 # %% auto 0
 __all__ = ['Params', 'REPLAY_SOURCES', 'TaskLike', 'Task', 'StoredTask', 'MemoryBank', 'image_style', 'style_separability',
            'BatchStatNorm', 'batch_stat_model', 'MetaForward', 'adapt', 'MAMLOutput', 'maml_outputs', 'maml_loss']
@@ -51,6 +53,7 @@ class Task:
         return (f"Task({self.way}-way {self.shot}-shot, {self.query} queries, images {tuple(self.xs.shape[1:])}, "
                 f"classes {self.classes}, from stored tasks {sorted({u for u, _ in self.sources})})")
 
+# %% ../nbs/08_replay.ipynb
 @dataclass
 class StoredTask:
     "A recovered task as the bank keeps it: CPU float32 images, labels, global class ids, the teacher, an arrival id."
@@ -72,6 +75,7 @@ def _randperm(n: int, generator) -> Tensor:
     raise TGRError(f"generator must be a torch.Generator, a numpy.random.Generator or None, got {type(generator).__name__}; "
                    "e.g. tgr.core.make_generator(seed)")
 
+# %% ../nbs/08_replay.ipynb
 def _stored_task(task: Any, uid: int, shape: tuple | None) -> StoredTask:
     "Validate a duck-typed recovered task (attributes x, y, classes, member) and copy it for the bank."
     member_attr = "member" if hasattr(task, "member") else "member_index"      # tgr.inversion.RecoveredTask says member_index
@@ -119,13 +123,6 @@ class MemoryBank:
         self.tasks: list[StoredTask] = []
         self.n_added = 0                         # tasks ever added: the next task's uid
 
-    def add(self, task: Any) -> int:
-        "Store a recovered task (any object with x, y, classes, member), evicting the oldest when full; returns its uid."
-        st = _stored_task(task, self.n_added, self.image_shape)
-        self.tasks.append(st); self.n_added += 1
-        if len(self.tasks) > self.capacity: self.tasks.pop(0)
-        return st.uid
-
     def extend(self, tasks: Iterable[Any]) -> list[int]:
         "`add` each task in order; returns their uids."
         return [self.add(t) for t in tasks]
@@ -141,70 +138,87 @@ class MemoryBank:
         "Global class ids held by at least one stored task with `min_images` images of that class."
         return {t.classes[k] for t in self.tasks for k in range(len(t.classes)) if t.count(k) >= min_images}
 
-    def sample(self, way: int = 5, shot: int = 1, query: int = 15, generator=None, distinct_tasks: bool = True,
-               source: str = "across") -> Task:
-        """A `way`-way `shot`-shot task with `query` queries per class: interpolated across the stored tasks (`source='across'`,
-        the paper's), or all classes from one stored task drawn at random (`source='within'`)."""
-        way, shot = check_int("way", way, 1), check_int("shot", shot, 1)
-        query, need = check_int("query", query, 1), shot + query
-        if source not in REPLAY_SOURCES: raise TGRError(f"source must be one of {REPLAY_SOURCES}, got {source!r}")
-        pairs = [(i, k) for i, t in enumerate(self.tasks) for k in range(len(t.classes)) if t.count(k) >= need]
-        if source == "within":                           # one stored task that can fill the task; its pairs only
-            full = [i for i in range(len(self.tasks)) if sum(p[0] == i for p in pairs) >= way]
-            if full:
-                one = full[int(_randperm(len(full), generator)[0])]
-                pairs = [p for p in pairs if p[0] == one]
-        order = [pairs[j] for j in _randperm(len(pairs), generator).tolist()]
-        chosen, seen, used = [], set(), set()
-        for first_pass in ((True, False) if distinct_tasks and source == "across" else (False,)):
-            for i, k in order:
-                c = self.tasks[i].classes[k]
-                if len(chosen) == way: break
-                if c in seen or (first_pass and i in used) or (i, k) in chosen: continue
-                seen.add(c); used.add(i); chosen.append((i, k))
-        if len(chosen) < way:
-            raise TGRError(f"the memory bank ({len(self)} tasks) holds only {len(chosen)} distinct classes with at least "
-                           f"{need} images (shot {shot} + query {query}), but a {way}-way task needs {way}; add more tasks "
-                           f"before replaying, lower way/shot/query, or recover more images per class")
-        xs, xq = [], []
-        for i, k in chosen:
-            t = self.tasks[i]; idx = t.index[k]
-            pick = idx[_randperm(len(idx), generator)[:need]]
-            xs.append(t.x[pick[:shot]]); xq.append(t.x[pick[shot:]])
-        return Task(torch.cat(xs), torch.arange(way).repeat_interleave(shot), torch.cat(xq),
-                    torch.arange(way).repeat_interleave(query), classes=[self.tasks[i].classes[k] for i, k in chosen],
-                    sources=[(self.tasks[i].uid, k) for i, k in chosen], members=[self.tasks[i].member for i, k in chosen])
+# %% ../nbs/08_replay.ipynb
+@patch
+def add(self: MemoryBank, task: Any) -> int:
+    "Store a recovered task (any object with x, y, classes, member), evicting the oldest when full; returns its uid."
+    st = _stored_task(task, self.n_added, self.image_shape)
+    self.tasks.append(st); self.n_added += 1
+    if len(self.tasks) > self.capacity: self.tasks.pop(0)
+    return st.uid
 
-    def sample_tasks(self, n: int, way: int = 5, shot: int = 1, query: int = 15, generator=None,
-                     distinct_tasks: bool = True, source: str = "across") -> list[Task]:
-        "`n` tasks drawn by `sample` (equal shapes, so `maml_loss` can batch them)."
-        return [self.sample(way, shot, query, generator, distinct_tasks, source) for _ in range(check_int("n", n, 1))]
+# %% ../nbs/08_replay.ipynb
+@patch
+def sample(self: MemoryBank, way: int = 5, shot: int = 1, query: int = 15, generator=None, distinct_tasks: bool = True,
+           source: str = "across") -> Task:
+    """A `way`-way `shot`-shot task with `query` queries per class: interpolated across the stored tasks (`source='across'`,
+    the paper's), or all classes from one stored task drawn at random (`source='within'`)."""
+    way, shot = check_int("way", way, 1), check_int("shot", shot, 1)
+    query, need = check_int("query", query, 1), shot + query
+    if source not in REPLAY_SOURCES: raise TGRError(f"source must be one of {REPLAY_SOURCES}, got {source!r}")
+    pairs = [(i, k) for i, t in enumerate(self.tasks) for k in range(len(t.classes)) if t.count(k) >= need]
+    if source == "within":                           # one stored task that can fill the task; its pairs only
+        full = [i for i in range(len(self.tasks)) if sum(p[0] == i for p in pairs) >= way]
+        if full:
+            one = full[int(_randperm(len(full), generator)[0])]
+            pairs = [p for p in pairs if p[0] == one]
+    order = [pairs[j] for j in _randperm(len(pairs), generator).tolist()]
+    chosen, seen, used = [], set(), set()
+    for first_pass in ((True, False) if distinct_tasks and source == "across" else (False,)):
+        for i, k in order:
+            c = self.tasks[i].classes[k]
+            if len(chosen) == way: break
+            if c in seen or (first_pass and i in used) or (i, k) in chosen: continue
+            seen.add(c); used.add(i); chosen.append((i, k))
+    if len(chosen) < way:
+        raise TGRError(f"the memory bank ({len(self)} tasks) holds only {len(chosen)} distinct classes with at least "
+                       f"{need} images (shot {shot} + query {query}), but a {way}-way task needs {way}; add more tasks "
+                       f"before replaying, lower way/shot/query, or recover more images per class")
+    xs, xq = [], []
+    for i, k in chosen:
+        t = self.tasks[i]; idx = t.index[k]
+        pick = idx[_randperm(len(idx), generator)[:need]]
+        xs.append(t.x[pick[:shot]]); xq.append(t.x[pick[shot:]])
+    return Task(torch.cat(xs), torch.arange(way).repeat_interleave(shot), torch.cat(xq),
+                torch.arange(way).repeat_interleave(query), classes=[self.tasks[i].classes[k] for i, k in chosen],
+                sources=[(self.tasks[i].uid, k) for i, k in chosen], members=[self.tasks[i].member for i, k in chosen])
 
-    def state_dict(self) -> dict:
-        "Everything needed to rebuild the bank: capacity, the arrival counter and the stored tasks (tensors are never modified in place)."
-        return {"capacity": self.capacity, "n_added": self.n_added,
-                "tasks": [dict(x=t.x, y=t.y, classes=list(t.classes), member=t.member, uid=t.uid) for t in self.tasks]}
+# %% ../nbs/08_replay.ipynb
+@patch
+def sample_tasks(self: MemoryBank, n: int, way: int = 5, shot: int = 1, query: int = 15, generator=None,
+                 distinct_tasks: bool = True, source: str = "across") -> list[Task]:
+    "`n` tasks drawn by `sample` (equal shapes, so `maml_loss` can batch them)."
+    return [self.sample(way, shot, query, generator, distinct_tasks, source) for _ in range(check_int("n", n, 1))]
 
-    def load_state_dict(self, state: dict) -> "MemoryBank":
-        "Restore a bank saved by `state_dict` (its capacity must match this bank's)."
-        if not isinstance(state, dict) or not {"capacity", "n_added", "tasks"} <= set(state):
-            raise TGRError("not a MemoryBank state: expected a dict with capacity, n_added and tasks (from MemoryBank.state_dict())")
-        if int(state["capacity"]) != self.capacity:
-            raise TGRError(f"the saved bank has capacity {state['capacity']} but this one has {self.capacity}; "
-                           f"resume with the same memory-bank size as the run that saved it")
-        tasks, shape = [], None
-        for d in state["tasks"]:
-            st = _stored_task(SimpleNamespace(**{k: d[k] for k in ("x", "y", "classes", "member")}), int(d["uid"]), shape)
-            tasks.append(st); shape = tuple(st.x.shape[1:])
-        if len(tasks) > self.capacity: raise TGRError(f"the saved bank holds {len(tasks)} tasks, more than its capacity {self.capacity}")
-        self.tasks, self.n_added = tasks, int(state["n_added"])
-        return self
+@patch
+def state_dict(self: MemoryBank) -> dict:
+    "Everything needed to rebuild the bank: capacity, the arrival counter and the stored tasks (tensors are never modified in place)."
+    return {"capacity": self.capacity, "n_added": self.n_added,
+            "tasks": [dict(x=t.x, y=t.y, classes=list(t.classes), member=t.member, uid=t.uid) for t in self.tasks]}
 
-    def __repr__(self):
-        n_cls = sum(len(t.classes) for t in self.tasks)
-        span = f"uids {self.uids[0]}..{self.uids[-1]}, " if self.tasks else ""
-        return (f"MemoryBank({len(self)}/{self.capacity} tasks, {span}{n_cls} classes "
-                f"({len(self.distinct_classes())} distinct), images {self.image_shape})")
+# %% ../nbs/08_replay.ipynb
+@patch
+def load_state_dict(self: MemoryBank, state: dict) -> "MemoryBank":
+    "Restore a bank saved by `state_dict` (its capacity must match this bank's)."
+    if not isinstance(state, dict) or not {"capacity", "n_added", "tasks"} <= set(state):
+        raise TGRError("not a MemoryBank state: expected a dict with capacity, n_added and tasks (from MemoryBank.state_dict())")
+    if int(state["capacity"]) != self.capacity:
+        raise TGRError(f"the saved bank has capacity {state['capacity']} but this one has {self.capacity}; "
+                       f"resume with the same memory-bank size as the run that saved it")
+    tasks, shape = [], None
+    for d in state["tasks"]:
+        st = _stored_task(SimpleNamespace(**{k: d[k] for k in ("x", "y", "classes", "member")}), int(d["uid"]), shape)
+        tasks.append(st); shape = tuple(st.x.shape[1:])
+    if len(tasks) > self.capacity: raise TGRError(f"the saved bank holds {len(tasks)} tasks, more than its capacity {self.capacity}")
+    self.tasks, self.n_added = tasks, int(state["n_added"])
+    return self
+
+@patch
+def __repr__(self: MemoryBank):
+    n_cls = sum(len(t.classes) for t in self.tasks)
+    span = f"uids {self.uids[0]}..{self.uids[-1]}, " if self.tasks else ""
+    return (f"MemoryBank({len(self)}/{self.capacity} tasks, {span}{n_cls} classes "
+            f"({len(self.distinct_classes())} distinct), images {self.image_shape})")
 
 # %% ../nbs/08_replay.ipynb
 def image_style(x: Tensor) -> Tensor:
@@ -238,6 +252,7 @@ class BatchStatNorm(nn.Module):
         return y * self.weight.view(shape) + self.bias.view(shape)
     def extra_repr(self) -> str: return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}"
 
+# %% ../nbs/08_replay.ipynb
 def _swap_bn(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
@@ -245,6 +260,7 @@ def _swap_bn(module: nn.Module) -> nn.Module:
         else: _swap_bn(child)
     return module
 
+# %% ../nbs/08_replay.ipynb
 _TWINS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 def batch_stat_model(model: nn.Module) -> nn.Module:
@@ -258,6 +274,7 @@ def batch_stat_model(model: nn.Module) -> nn.Module:
         _TWINS[model] = cached = (names, twin)
     return cached[1]
 
+# %% ../nbs/08_replay.ipynb
 class MetaForward:
     "The meta-model as a pure function `(params, x) -> logits` under the batch-statistics BN policy."
     def __init__(self, model: nn.Module):
@@ -285,6 +302,7 @@ def adapt(model: nn.Module | MetaForward, params: Params, xs: Tensor, ys: Tensor
         params = {k: params[k] - lr * (g[k].detach() if first_order else g[k]) for k in params}
     return params
 
+# %% ../nbs/08_replay.ipynb
 @dataclass
 class MAMLOutput:
     "The MAML outer loss over a batch of tasks and per-task diagnostics."
@@ -296,6 +314,7 @@ class MAMLOutput:
         return (f"MAMLOutput(loss={self.loss.item():.4f}, query_acc={self.query_acc.mean().item():.3f}, "
                 f"n_tasks={len(self.query_loss)}, vectorized={self.vectorized})")
 
+# %% ../nbs/08_replay.ipynb
 def _task_tensors(t: Any, i: int) -> tuple[Tensor, ...]:
     if hasattr(t, "tensors") and callable(t.tensors): t = t.tensors()
     if not isinstance(t, (tuple, list)) or len(t) != 4 or not all(isinstance(z, Tensor) for z in t):
@@ -306,6 +325,7 @@ def _task_tensors(t: Any, i: int) -> tuple[Tensor, ...]:
                        f"{tuple(xs.shape)}, {tuple(ys.shape)}, {tuple(xq.shape)}, {tuple(yq.shape)}")
     return xs, ys, xq, yq
 
+# %% ../nbs/08_replay.ipynb
 def _check_maml_args(model, tasks, inner_steps, inner_lr) -> list[tuple[Tensor, ...]]:
     if not isinstance(model, nn.Module): raise TGRError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_int("inner_steps", inner_steps, 0, "the paper uses 5 in training and 10 at meta-test")
@@ -323,6 +343,7 @@ def _check_maml_args(model, tasks, inner_steps, inner_lr) -> list[tuple[Tensor, 
     dev = next(model.parameters()).device
     return [tuple(z.to(dev) for z in t) for t in tasks]
 
+# %% ../nbs/08_replay.ipynb
 def _resolve_vectorize(vectorize: bool | None, tasks: list, device: torch.device) -> bool:
     same = len({tuple(tuple(z.shape) for z in t) for t in tasks}) == 1
     if vectorize is None: return same and device.type == "cuda" and len(tasks) > 1
@@ -334,6 +355,7 @@ def _resolve_vectorize(vectorize: bool | None, tasks: list, device: torch.device
 def _channels_last(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
+# %% ../nbs/08_replay.ipynb
 def maml_outputs(model: nn.Module, tasks: Sequence[TaskLike], inner_steps: int = 5, inner_lr: float = 0.01,
                  first_order: bool = False, vectorize: bool | None = None) -> MAMLOutput:
     "Adapt the meta-model to each task (Eq. 9 inner loop) and return the mean query loss (graph to the meta-parameters) and diagnostics."
@@ -352,6 +374,7 @@ def maml_outputs(model: nn.Module, tasks: Sequence[TaskLike], inner_steps: int =
         losses, accs = torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
     return MAMLOutput(losses.mean(), losses.detach(), accs.detach(), vec)
 
+# %% ../nbs/08_replay.ipynb
 def maml_loss(model: nn.Module, tasks: Sequence[TaskLike], inner_steps: int = 5, inner_lr: float = 0.01,
               first_order: bool = False, vectorize: bool | None = None) -> Tensor:
     "Mean query loss over `tasks` after `inner_steps` SGD steps on each support set (Eq. 9); call `.backward()` on it."

@@ -58,6 +58,7 @@ def _parse_value(raw: str, current, takes_word: bool = False):
         raise TGRError(f"expected a {type(current).__name__}, got {raw!r}")
     return val
 
+# %% ../nbs/10a_runs.ipynb
 def resolve_config(preset: str, overrides: list[str] | None = None, method: str = "tgr") -> MetaTrainConfig:
     """A preset, turned into `method` (tgr or free), with `field=value` overrides applied last; unknown presets,
     methods, fields or malformed values raise `TGRError`."""
@@ -65,6 +66,7 @@ def resolve_config(preset: str, overrides: list[str] | None = None, method: str 
     if method not in METHODS: raise TGRError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
     return apply_overrides(replace(PRESETS[preset], **METHODS[method]), overrides)
 
+# %% ../nbs/10a_runs.ipynb
 def apply_overrides(cfg: MetaTrainConfig, overrides: list[str] | None, allowed: Sequence[str] | None = None) -> MetaTrainConfig:
     "`cfg` with `field=value` items applied in order; `allowed` restricts the fields (e.g. to those of a test)."
     field_types = {f.name: str(f.type) for f in fields(MetaTrainConfig)}; names = set(allowed or field_types)
@@ -77,6 +79,7 @@ def apply_overrides(cfg: MetaTrainConfig, overrides: list[str] | None, allowed: 
         except TGRError as e: raise TGRError(f"{k}: {e}") from None
     return cfg
 
+# %% ../nbs/10a_runs.ipynb
 def describe_presets() -> str:
     "The presets and the config fields with their defaults, as text."
     default = MetaTrainConfig()
@@ -103,6 +106,7 @@ def score_rows(model, test, cfg: MetaTrainConfig, device=None, show_progress: bo
     return {f"{cfg.way}w{shot}s": _row(meta_test(start, test, cfg.way, shot, seed=cfg.seed, **_test_kw(cfg, device, show_progress)))
             for shot in cfg.shots}
 
+# %% ../nbs/10a_runs.ipynb
 def preflight(cfg: MetaTrainConfig) -> None:
     """Check that the data behind `cfg` exist and can serve its episodes: the benchmark loads for all three splits
     (a missing `root` fails here), the train split has `way` classes for the pool, and the validation and test
@@ -115,12 +119,14 @@ def preflight(cfg: MetaTrainConfig) -> None:
     EpisodeSampler(splits["val"], cfg.way, cfg.val_shot, cfg.query, 1)
     for shot in cfg.shots: EpisodeSampler(splits["test"], cfg.way, int(shot), cfg.query, 1)
 
+# %% ../nbs/10a_runs.ipynb
 def data_checksums(cfg: MetaTrainConfig, pool=None) -> dict:
     "What a run saw: its benchmark's checksum (three splits), the glyph images' SHA-256 where glyphs are used, its pool's."
     glyphs = any(p.startswith("glyphs") for p in str(cfg.benchmark).split("+"))
     return {"benchmark": benchmark_checksum(cfg.benchmark, cfg.root), "glyphs": GLYPH_SHA256 if glyphs else None,
             "pool": None if pool is None else pool_fingerprint(pool)}
 
+# %% ../nbs/10a_runs.ipynb
 def run(cfg: MetaTrainConfig, out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
         argv: list[str] | None = None, show_progress: bool = True, method: str = "tgr") -> dict:
     """Meta-train for `cfg` in run directory `out`, meta-test the meta-model (reported under `method`) and the
@@ -154,6 +160,7 @@ def _record(cfg: MetaTrainConfig, pool, methods: dict, selection: dict, timer: T
             "selection": selection, "timings": {k: round(v, 2) for k, v in timer.seconds.items()},
             "total_seconds": round(time.perf_counter() - t0, 1), "peak_memory_mb": round(peak_memory_mb()), "device": str(device)}
 
+# %% ../nbs/10a_runs.ipynb
 def _score_methods(model, pool, test, cfg: MetaTrainConfig, method: str, timer: Timer, device=None, show_progress: bool = True) -> dict:
     "The meta-model's rows and the baselines' (`cfg.baselines`, from `pool`) on the same seeded episodes, under one rule."
     with timer("meta_test"): methods: dict = {method: score_rows(model, test, cfg, device, show_progress)}

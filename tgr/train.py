@@ -109,41 +109,45 @@ class MetaTrainConfig:
     test_inner_steps: int = 10
     baselines: tuple = ("finetune", "best_model", "average")
 
-    def pool_config(self) -> PoolConfig:
-        "The part of the config that defines the pool."
-        return PoolConfig(benchmark=self.benchmark, root=self.root, n_models=self.n_models, way=self.way,
-                          archs=tuple(self.archs), class_sampling=self.class_sampling, epochs=self.pool_epochs,
-                          lr=self.pool_lr, batch_size=self.pool_batch_size, seed=self.seed, img_size=self.img_size)
-
     def data(self, split: str) -> FewShotDataset:
         "One split ('train', 'val' or 'test') of the run's benchmark, with its `root` and `img_size`."
         return load_benchmark(self.benchmark, split, root=self.root, img_size=self.img_size)
 
-    def check(self) -> "MetaTrainConfig":
-        "Raise `TGRError` for values that cannot work, naming the allowed ones."
-        self.pool_config().check()
-        if self.meta_arch not in MODELS: raise TGRError(f"meta_arch {self.meta_arch!r} unknown; choose from {sorted(MODELS)}")
-        for k, allowed in (("alignment", ALIGNMENTS), ("grouping", GROUPINGS), ("recovery", RECOVERIES), ("group_method", GROUP_METHODS),
-                           ("test_head", TEST_HEADS), ("replay_source", REPLAY_SOURCES),
-                           ("augment", ("auto",) + AUGMENTATIONS)):
-            if getattr(self, k) not in allowed: raise TGRError(f"{k} must be one of {sorted(allowed)}, got {getattr(self, k)!r}")
-        for k in ("epochs", "m", "inv_steps", "inv_per_class", "inv_ngf", "five_k", "bank_size", "replay_batch", "replay_updates", "replay_shot", "replay_query",
-                  "inner_steps", "n_val_tasks", "n_test_tasks", "eval_every", "ckpt_every", "query"):
-            check_int(k, getattr(self, k))
-        if self.reinvert_every < 0: raise TGRError("reinvert_every must be >= 0 (0: never re-invert)")
-        if self.n_groups != "auto" and (isinstance(self.n_groups, (bool, str)) or int(self.n_groups) < 1):
-            raise TGRError(f"n_groups must be a positive integer or 'auto' (Calinski-Harabasz), got {self.n_groups!r}")
-        if not (self.soft_labels or self.hard_labels): raise TGRError("soft_labels and hard_labels are both off: Eq. 8 would be empty")
-        if not (self.inv_ce or self.inv_bn): raise TGRError("inv_ce and inv_bn are both off: inversion would have no loss")
-        if self.replay and self.replay_shot + self.replay_query > self.inv_per_class:
-            raise TGRError(f"replay needs replay_shot + replay_query = {self.replay_shot + self.replay_query} images per class, "
-                           f"but recovered tasks have inv_per_class={self.inv_per_class}; raise inv_per_class or lower replay_shot/replay_query")
-        for k in ("beta", "kd_temperature", "meta_lr", "inner_lr", "inv_lr", "five_inner_lr", "five_outer_lr", "bell_inner_lr"):
-            check_number(k, getattr(self, k), strict=k != "beta")           # beta may be 0 (IGR off); the rest must be > 0
-        if self.img_size is not None and (isinstance(self.img_size, bool) or not isinstance(self.img_size, int) or self.img_size < 16):
-            raise TGRError(f"img_size must be None (the benchmark's own size) or an integer >= 16, got {self.img_size!r}")
-        if not self.shots or any(int(s) < 1 for s in self.shots): raise TGRError(f"shots must be positive, got {self.shots}")
-        return self
+# %% ../nbs/09_train.ipynb
+@patch
+def pool_config(self: MetaTrainConfig) -> PoolConfig:
+    "The part of the config that defines the pool."
+    return PoolConfig(benchmark=self.benchmark, root=self.root, n_models=self.n_models, way=self.way,
+                      archs=tuple(self.archs), class_sampling=self.class_sampling, epochs=self.pool_epochs,
+                      lr=self.pool_lr, batch_size=self.pool_batch_size, seed=self.seed, img_size=self.img_size)
+
+# %% ../nbs/09_train.ipynb
+@patch
+def check(self: MetaTrainConfig) -> "MetaTrainConfig":
+    "Raise `TGRError` for values that cannot work, naming the allowed ones."
+    self.pool_config().check()
+    if self.meta_arch not in MODELS: raise TGRError(f"meta_arch {self.meta_arch!r} unknown; choose from {sorted(MODELS)}")
+    for k, allowed in (("alignment", ALIGNMENTS), ("grouping", GROUPINGS), ("recovery", RECOVERIES), ("group_method", GROUP_METHODS),
+                       ("test_head", TEST_HEADS), ("replay_source", REPLAY_SOURCES),
+                       ("augment", ("auto",) + AUGMENTATIONS)):
+        if getattr(self, k) not in allowed: raise TGRError(f"{k} must be one of {sorted(allowed)}, got {getattr(self, k)!r}")
+    for k in ("epochs", "m", "inv_steps", "inv_per_class", "inv_ngf", "five_k", "bank_size", "replay_batch", "replay_updates", "replay_shot", "replay_query",
+              "inner_steps", "n_val_tasks", "n_test_tasks", "eval_every", "ckpt_every", "query"):
+        check_int(k, getattr(self, k))
+    if self.reinvert_every < 0: raise TGRError("reinvert_every must be >= 0 (0: never re-invert)")
+    if self.n_groups != "auto" and (isinstance(self.n_groups, (bool, str)) or int(self.n_groups) < 1):
+        raise TGRError(f"n_groups must be a positive integer or 'auto' (Calinski-Harabasz), got {self.n_groups!r}")
+    if not (self.soft_labels or self.hard_labels): raise TGRError("soft_labels and hard_labels are both off: Eq. 8 would be empty")
+    if not (self.inv_ce or self.inv_bn): raise TGRError("inv_ce and inv_bn are both off: inversion would have no loss")
+    if self.replay and self.replay_shot + self.replay_query > self.inv_per_class:
+        raise TGRError(f"replay needs replay_shot + replay_query = {self.replay_shot + self.replay_query} images per class, "
+                       f"but recovered tasks have inv_per_class={self.inv_per_class}; raise inv_per_class or lower replay_shot/replay_query")
+    for k in ("beta", "kd_temperature", "meta_lr", "inner_lr", "inv_lr", "five_inner_lr", "five_outer_lr", "bell_inner_lr"):
+        check_number(k, getattr(self, k), strict=k != "beta")           # beta may be 0 (IGR off); the rest must be > 0
+    if self.img_size is not None and (isinstance(self.img_size, bool) or not isinstance(self.img_size, int) or self.img_size < 16):
+        raise TGRError(f"img_size must be None (the benchmark's own size) or an integer >= 16, got {self.img_size!r}")
+    if not self.shots or any(int(s) < 1 for s in self.shots): raise TGRError(f"shots must be positive, got {self.shots}")
+    return self
 
 # %% ../nbs/09_train.ipynb
 def kd_loss(soft: bool = True, hard: bool = True, temperature: float = 1.0) -> Callable:
@@ -181,10 +185,12 @@ def augment_mode(cfg: MetaTrainConfig) -> str:
     "The augmentation a run uses: `cfg.augment`, with 'auto' resolved for its benchmark."
     return default_augment(cfg.benchmark) if cfg.augment == "auto" else cfg.augment
 
+# %% ../nbs/09_train.ipynb
 def inversion_settings(cfg: MetaTrainConfig) -> InversionConfig:
     return InversionConfig(per_class=cfg.inv_per_class, steps=cfg.inv_steps, lr=cfg.inv_lr, ngf=cfg.inv_ngf, use_ce=cfg.inv_ce,
                            use_bn=cfg.inv_bn, seed=cfg.seed, augment=augment_mode(cfg))
 
+# %% ../nbs/09_train.ipynb
 def real_task(member, train: FewShotDataset, per_class: int, seed: int) -> RecoveredTask:
     """The real-data oracle's task for a teacher: `per_class` real train images of each of its classes (label k is
     `member.classes[k]`), the shape of a recovered task. It breaks the data-free setting: a diagnostic, never a default."""
@@ -199,6 +205,7 @@ def real_task(member, train: FewShotDataset, per_class: int, seed: int) -> Recov
     return RecoveredTask(torch.cat(xs), y, member.index, [int(c) for c in member.classes],
                          settings={"recovery": "real", "per_class": per_class, "seed": seed, "n_classes": len(member.classes)})
 
+# %% ../nbs/09_train.ipynb
 def prepare_stages(cfg: MetaTrainConfig, device=None, timer: Timer | None = None, show_progress: bool = True,
                    pool_dir: str | Path | None = None) -> Stages:
     "Pool -> recovered tasks -> Fisher embeddings -> groups, each read from its cache when present."
@@ -283,6 +290,7 @@ class TrainRun:
     @property
     def metrics(self) -> Path: return self.out/"metrics.jsonl"
 
+# %% ../nbs/09_train.ipynb
 def _teacher_cache(pool, device):
     cache = {}
     def get(i):
@@ -300,6 +308,7 @@ def _run_dir(cfg: MetaTrainConfig, out: Path, resume: bool, overwrite: bool) -> 
         for f in ("checkpoint.pt", "metrics.jsonl", "results.json"): (out/f).unlink(missing_ok=True)
     save_json({"config": cfg, "git_commit": git_commit()}, out/"config.json")
 
+# %% ../nbs/09_train.ipynb
 def open_run(cfg: MetaTrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
              stages: Stages | None = None, show_progress: bool = True) -> TrainRun:
     "The run directory, the stages before the loop, and what the loop reads from them."
@@ -312,6 +321,7 @@ def open_run(cfg: MetaTrainConfig, out: str | Path, resume: bool = False, overwr
                     cfg.data("train") if cfg.recovery == "real" else None, augment_mode(cfg),
                     kd_loss(cfg.soft_labels, cfg.hard_labels, cfg.kd_temperature))
 
+# %% ../nbs/09_train.ipynb
 def new_state(run: TrainRun) -> TrainState:
     "The initial meta-model, its Adam optimiser, an empty memory bank, FIVE's meta-generator (if used), the random streams."
     cfg, p0 = run.cfg, run.stages.pool[0]
@@ -410,6 +420,7 @@ class TrainResult:
     peak_memory_mb: float
     init_val_acc: float | None = None   # validation accuracy of the initial weights (epoch 0, a selection candidate)
 
+# %% ../nbs/09_train.ipynb
 def start_or_resume(run: TrainRun, state: TrainState, resume: bool) -> None:
     "Resume from the run's checkpoint, or start afresh: an empty metrics log and the initial weights validated (epoch 0)."
     if resume and run.checkpoint.exists():
@@ -454,6 +465,7 @@ def config_from_json(d: dict) -> MetaTrainConfig:
     if bad: raise TGRError(f"config fields {bad} are unknown to this version of tgr; was the run made by another version?")
     return MetaTrainConfig(**{k: tuple(v) if isinstance(known[k].default, tuple) and isinstance(v, list) else v for k, v in d.items()})
 
+# %% ../nbs/09_train.ipynb
 def load_meta_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """The selected meta-model of a run in `run_dir` (finished or interrupted), in eval mode, and what it is:
     {'epoch': selected epoch (0 = the initial weights), 'val_acc', 'init_val_acc', 'epochs_run', 'finished', 'config'}."""
