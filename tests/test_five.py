@@ -194,6 +194,6 @@ def test_clear_errors():
 
     class NaNTeacher(nn.Module):
         def forward(self, x): return x.mean((2, 3)) * float("nan")
-    with pytest.raises(TGRError, match="became nan for teacher 0 at adaptation step 0"), \
+    with pytest.raises(TGRError, match="the FIVE loss of teacher 0 became nan at step 0"), \
          pytest.warns(UserWarning, match="no BatchNorm layers"):
         five_recover(mg, [NaNTeacher()], 3, per_class=2, update=False)

@@ -214,11 +214,14 @@ def recorded_runs(results_dir) -> dict:
 
 # %% ../nbs/11_experiments.ipynb
 def _recorded(cfg: MetaTrainConfig, recs: dict) -> dict | None:
-    "The record of a finished run of `cfg` (or of `cfg` with every baseline, keeping the meta-model's scores only)."
+    """The record of a finished run of `cfg` (or of `cfg` with every baseline, keeping the meta-model's scores only),
+    if it saw the data this machine has: the same benchmark, glyphs and pool (a pool trained with another thread count
+    rounds differently, and an experiment compares its variants on one pool per seed)."""
     r = recs.get(config_hash(cfg))
     if r is None and not cfg.baselines and (r := recs.get(config_hash(replace(cfg, baselines=_ALL_BASELINES)))):
         r = {**r, "methods": {"tgr": r["methods"]["tgr"]}}
-    return None if r is None else {k: v for k, v in r.items() if k not in ("variant", "seed")}
+    if r is None or r.get("checksums") != data_checksums(cfg, build_pool(cfg.pool_config(), show_progress=False)): return None
+    return {k: v for k, v in r.items() if k not in ("variant", "seed")}
 
 def _run_job(args):
     cfg, runs_dir, threads = args
