@@ -22,9 +22,9 @@ from .fim import embed_pool, dissimilarity
 
 # %% auto 0
 __all__ = ['EXPERIMENTS', 'Experiment', 'experiment_config', 'repo_root', 'run_cached', 'recorded_runs', 'run_experiment',
-           'summarize_runs', 'format_summary', 'load_summary', 'verdict', 'results_overview', 'gradient_curves',
-           'summary_text', 'save_gradient_curves', 'class_cover_rate', 'save_cover_rates', 'gain_design',
-           'accuracy_gain', 'format_gain', 'design_dissimilarity', 'format_dissimilarity']
+           'summarize_runs', 'format_summary', 'load_summary', 'verdict', 'results_overview', 'verdict_table',
+           'gradient_curves', 'summary_text', 'save_gradient_curves', 'class_cover_rate', 'save_cover_rates',
+           'gain_design', 'accuracy_gain', 'format_gain', 'design_dissimilarity', 'format_dissimilarity']
 
 # %% ../nbs/11_experiments.ipynb
 @dataclass(frozen=True)
@@ -324,17 +324,21 @@ def load_summary(name: str, results_dir=None) -> dict:
     return json.loads(p.read_text())
 
 # %% ../nbs/11_experiments.ipynb
+def _setting_verdict(ra: dict, rb: dict) -> str:
+    d, r = ra["mean"] - rb["mean"], max(ra["ci95_run"], rb["ci95_run"])
+    seeds = [(ra["per_seed"][k], rb["per_seed"][k]) for k in ra["per_seed"]]
+    if d > r and all(x > y for x, y in seeds): return "holds"
+    if d < -r and all(x < y for x, y in seeds): return "fails"
+    return "unresolved"
+
 def verdict(summary: dict, a: str, b: str) -> str:
-    "'holds', 'fails' or 'mixed' for the claim that `a` scores higher than `b` (see above)."
+    "'holds', 'fails' or 'unresolved' for the claim that `a` scores higher than `b`, per setting where they differ (see above)."
     cell = {(r["name"], r["setting"]): r for r in summary["rows"]}
     settings = list(dict.fromkeys(r["setting"] for r in summary["rows"]))
     for n in (a, b):
         if (n, settings[0]) not in cell: raise TGRError(f"{summary['experiment']} has no row {n!r}")
-    diff = [cell[a, s]["mean"] - cell[b, s]["mean"] for s in settings]
-    paired = all(cell[a, s]["per_seed"][k] > cell[b, s]["per_seed"][k] for s in settings for k in cell[a, s]["per_seed"])
-    if all(d > 0 for d in diff) and paired: return "holds"
-    if all(d < 0 for d in diff): return "fails"
-    return "mixed"
+    v = {s: _setting_verdict(cell[a, s], cell[b, s]) for s in settings}
+    return next(iter(v.values())) if len(set(v.values())) == 1 else ", ".join(f"{s} {x}" for s, x in v.items())
 
 # %% ../nbs/11_experiments.ipynb
 def results_overview(results_dir=None, names: Sequence[str] | None = None) -> str:
@@ -353,6 +357,18 @@ def results_overview(results_dir=None, names: Sequence[str] | None = None) -> st
                                                if s.get("better") else " (a trend over the rows: judged in notebook 11, not pairwise)"))
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) if blocks else f"no experiment results in {rd}"
+
+# %% ../nbs/11_experiments.ipynb
+def verdict_table(results_dir=None, names: Sequence[str] | None = None) -> str:
+    "One line per committed experiment: its verdict on each comparison its claim makes, and the commits of its runs."
+    rd = Path(results_dir or repo_root()/"results")
+    lines = []
+    for n in names or [n for n in EXPERIMENTS if (rd/f"{n}.json").exists()]:
+        s = load_summary(n, rd)
+        v = ", ".join(f"{a} > {b}: {verdict(s, a, b)}" for a, b in s["better"]) or "a trend over the rows (notebook 11)"
+        commits = sorted({c[:7] for c in s.get("run_commits") or [s["git_commit"]]})
+        lines.append(f"{n:22s} {v}  [{', '.join(commits)}]")
+    return "\n".join(lines)
 
 # %% ../nbs/11_experiments.ipynb
 def gradient_curves(summary: dict, variants: Sequence[str] = ("+grouping", "tgr"), runs_dir=None) -> dict:
