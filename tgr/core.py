@@ -233,12 +233,13 @@ def cache_dir(sub: str = "") -> Path:
 
 # %% ../nbs/00_core.ipynb
 def git_commit(path: str | Path | None = None) -> str | None:
-    "The git commit of the repository holding `path` (default: this package), with '+dirty' if it has changes."
+    """The git commit of the repository holding `path` (default: this package), with '+dirty' if tracked files other
+    than `results/` (the experiments' own outputs, rewritten as they finish) have changes."""
     path = Path(path or Path(__file__).parent)
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10)
         if sha.returncode: return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results"], cwd=path,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return sha.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError): return None

@@ -209,7 +209,8 @@ def recorded_runs(results_dir) -> dict:
     for f in sorted(Path(results_dir).glob("*.json")):
         d = json.loads(f.read_text())
         for r in d.get("runs", []) if isinstance(d, dict) else []:
-            if isinstance(r, dict) and {"run", "methods", "variant"} <= set(r): recs.setdefault(r["run"], r)
+            if isinstance(r, dict) and {"run", "methods", "variant"} <= set(r) and len(r["methods"]) > len(recs.get(r["run"], {}).get("methods", ())):
+                recs[r["run"]] = r              # the fullest record: an experiment without baselines keeps only the meta-model's row
     return recs
 
 # %% ../nbs/11_experiments.ipynb
@@ -220,7 +221,8 @@ def _recorded(cfg: MetaTrainConfig, recs: dict) -> dict | None:
     r = recs.get(config_hash(cfg))
     if r is None and not cfg.baselines and (r := recs.get(config_hash(replace(cfg, baselines=_ALL_BASELINES)))):
         r = {**r, "methods": {"tgr": r["methods"]["tgr"]}}
-    if r is None or r.get("checksums") != data_checksums(cfg, build_pool(cfg.pool_config(), show_progress=False)): return None
+    if r is None or not {"tgr", *cfg.baselines} <= set(r["methods"]): return None
+    if r.get("checksums") != data_checksums(cfg, build_pool(cfg.pool_config(), show_progress=False)): return None
     return {k: v for k, v in r.items() if k not in ("variant", "seed")}
 
 def _run_job(args):
