@@ -15,3 +15,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread_tmp_cache(tmp_path, monkeypatch):
+    "One torch thread and an empty tgr cache under tmp_path, for tests that must not see or leave cached artifacts."
+    import torch
+    monkeypatch.setenv("TGR_CACHE", str(tmp_path / "cache"))
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -17,12 +17,7 @@ from tgr.grouping import group_models, choose_n_groups, task_groups, within_grou
 TINY = InversionConfig(per_class=2, steps=2, ngf=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_tmp_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TGR_CACHE", str(tmp_path / "cache"))
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_tmp_cache")
 
 
 def fake_pool(seed: int, n: int = 4) -> Pool:

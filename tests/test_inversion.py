@@ -9,12 +9,7 @@ from tgr.models import Generator, build_model
 from tgr.inversion import InversionConfig, inversion_loop, recover_task
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_tmp_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TGR_CACHE", str(tmp_path / "cache"))
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_tmp_cache")
 
 
 def test_inversion_loss_falls():

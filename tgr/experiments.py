@@ -238,6 +238,12 @@ def _checksums(runs: list[dict]) -> dict:
     return {k: (v[0] if len(v) == 1 else v or None) for k in ("benchmark", "glyphs") for v in [vals(k)]}
 
 # %% ../nbs/11_experiments.ipynb
+def _reused(jobs: list, runs_dir: Path, results_dir: Path) -> dict:
+    "{job position: record} for the jobs without a finished run folder whose run a summary in `results_dir` recorded."
+    recs = recorded_runs(results_dir)
+    return {i: r for i, (_, _, cfg) in enumerate(jobs) if not _finished(runs_dir/config_hash(cfg), cfg) and (r := _recorded(cfg, recs))}
+
+# %% ../nbs/11_experiments.ipynb
 def run_experiment(name: str | Experiment, seeds: Sequence[int] = (0, 1, 2), workers: int = 1, runs_dir=None, results_dir=None,
                    variants: Sequence[str] | None = None, extra: dict | None = None, write: bool = True, reuse: bool = True) -> dict:
     """Run every (variant, seed) of an experiment that is not cached yet, then summarise it into
@@ -252,8 +258,7 @@ def run_experiment(name: str | Experiment, seeds: Sequence[int] = (0, 1, 2), wor
     runs_dir = Path(runs_dir or root/"runs"/"experiments"); results_dir = Path(results_dir or root/"results")
     jobs = [(v, s, experiment_config(exp, v, s, extra)) for v in names for s in seeds]   # all configs checked before any run
     t0 = time.perf_counter()
-    recs = recorded_runs(results_dir) if reuse else {}
-    done = {i: r for i, (_, _, cfg) in enumerate(jobs) if not _finished(runs_dir/config_hash(cfg), cfg) and (r := _recorded(cfg, recs))}
+    done = _reused(jobs, runs_dir, results_dir) if reuse else {}
     todo = [i for i in range(len(jobs)) if i not in done]
     args = [(jobs[i][2], runs_dir, 1 if workers > 1 else None) for i in todo]
     if workers > 1:
@@ -343,20 +348,26 @@ def verdict(summary: dict, a: str, b: str) -> str:
     return next(iter(v.values())) if len(set(v.values())) == 1 else ", ".join(f"{s} {x}" for s, x in v.items())
 
 # %% ../nbs/11_experiments.ipynb
+def _committed(rd: Path, names: Sequence[str] | None) -> list[str]:
+    "`names`, or every experiment with a summary in `rd`, in the registry's order."
+    return list(names or [n for n in EXPERIMENTS if (rd/f"{n}.json").exists()])
+
+def _verdicts(s: dict) -> str:
+    "The verdict on each comparison the experiment's claim makes."
+    return ", ".join(f"{a} > {b}: {verdict(s, a, b)}" for a, b in s["better"]) or "a trend over the rows, judged in notebook 11a"
+
 def results_overview(results_dir=None, names: Sequence[str] | None = None) -> str:
     "Every committed experiment summary: our table beside the paper's numbers, and a verdict per comparison of its claim."
     rd = Path(results_dir or repo_root()/"results")
-    names = names or [n for n in EXPERIMENTS if (rd/f"{n}.json").exists()]
     blocks = []
-    for n in names:
+    for n in _committed(rd, names):
         s = load_summary(n, rd)
         lines = [format_summary(s)]
         if s.get("paper"):
             lines.append(f"paper ({s['paper_benchmark']}, a different benchmark): " + "; ".join(
                 f"{k} " + " / ".join(f"{v[c]:.2f}" for c in v) for k, v in s["paper"].items())
                 + f"  ({' / '.join(next(iter(s['paper'].values())))})")
-        lines.append(f"claim: {s['claim']}" + ("; " + ", ".join(f"{a} > {b}: {verdict(s, a, b)}" for a, b in s["better"])
-                                               if s.get("better") else " (a trend over the rows: judged in notebook 11, not pairwise)"))
+        lines.append(f"claim: {s['claim']}; {_verdicts(s)}")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) if blocks else f"no experiment results in {rd}"
 
@@ -365,11 +376,10 @@ def verdict_table(results_dir=None, names: Sequence[str] | None = None) -> str:
     "One line per committed experiment: its verdict on each comparison its claim makes, and the commits of its runs."
     rd = Path(results_dir or repo_root()/"results")
     lines = []
-    for n in names or [n for n in EXPERIMENTS if (rd/f"{n}.json").exists()]:
+    for n in _committed(rd, names):
         s = load_summary(n, rd)
-        v = ", ".join(f"{a} > {b}: {verdict(s, a, b)}" for a, b in s["better"]) or "a trend over the rows (notebook 11)"
         commits = sorted({c[:7] for c in s.get("run_commits") or [s["git_commit"]]})
-        lines.append(f"{n:22s} {v}  [{', '.join(commits)}]")
+        lines.append(f"{n:22s} {_verdicts(s)}  [{', '.join(commits)}]")
     return "\n".join(lines)
 
 # %% ../nbs/11_experiments.ipynb

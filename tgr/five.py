@@ -281,8 +281,9 @@ def _five_inputs(mg: MetaGenerator, teachers, n_classes, per_class, k, student, 
 
 # %% ../nbs/04a_five.ipynb
 def _adapt(mg: MetaGenerator, i: int, teacher: nn.Module, n: int, key: int, per_class: int, k: int, student, seed: int,
-           meta_grad: list | None) -> tuple[Tensor, Tensor, InversionTrace, bool]:
-    "Lines 4-7 of Algorithm 1 for teacher i: clone the meta-generator, draw Z, k inner steps (notebook 04's loop), the meta-gradient."
+           meta_grad: list | None) -> tuple[InversionTrace, Tensor, int]:
+    """Lines 4-7 of Algorithm 1 for teacher i: clone the meta-generator, draw Z, k inner steps (notebook 04's loop), the
+    meta-gradient. Returns the loop's trace (its last batch is the task), the labels and the teacher's number of BN layers."""
     cfg, n_bn = mg.cfg, len(bn_layers(teacher)); use_bn = cfg.use_bn and n_bn > 0
     if cfg.use_bn and not n_bn:
         warnings.warn(f"teacher {i} ({type(teacher).__name__}) has no BatchNorm layers with running statistics: "
@@ -303,7 +304,7 @@ def _adapt(mg: MetaGenerator, i: int, teacher: nn.Module, n: int, key: int, per_
                             augment=cfg.augment, g_aug=make_generator(seed, key, 13), fused=cfg.fused, then=meta_step,
                             then_grad=meta_grad is not None, what=f"the FIVE loss of teacher {i}",
                             fix=f"lower inner_lr (now {cfg.inner_lr}) or bn_weight (now {cfg.bn_weight})")
-    return tr.x.detach(), y, tr, use_bn
+    return tr, y, n_bn
 
 # %% ../nbs/04a_five.ipynb
 def _meta_update(mg: MetaGenerator, meta_grad: list, tasks: list) -> None:
@@ -327,13 +328,13 @@ def _five_batch(mg: MetaGenerator, teachers, n_classes, per_class, k, student, s
     cfg, tasks = mg.cfg, []
     for i in progress(range(len(teachers)), desc="FIVE", disable=not show_progress):
         t0 = time.perf_counter()
-        x, y, tr, use_bn = _adapt(mg, i, teachers[i], ns[i], keys[i], per_class, k, student, seed, meta_grad)
+        tr, y, n_bn = _adapt(mg, i, teachers[i], ns[i], keys[i], per_class, k, student, seed, meta_grad)
         settings = dict(method="five", n_classes=ns[i], per_class=per_class, k=k, img_size=mg.img_size, in_ch=mg.in_ch,
                         z_dim=cfg.z_dim, ngf=cfg.ngf, inner_optimizer=cfg.inner_optimizer, inner_lr=cfg.inner_lr,
-                        use_bn=use_bn, bn_weight=cfg.bn_weight, kl_weight=cfg.kl_weight, student=student is not None,
+                        use_bn=cfg.use_bn and n_bn > 0, bn_weight=cfg.bn_weight, kl_weight=cfg.kl_weight, student=student is not None,
                         student_bn=cfg.student_bn, seed=seed, fused=cfg.fused, augment=cfg.augment, meta_updates=mg.n_updates,
-                        meta_seed=mg.seed, bn_layers=len(bn_layers(teachers[i])))
-        tasks.append(RecoveredTask(x.contiguous().cpu(), y.cpu(), idx[i], None if cls[i] is None else [int(c) for c in cls[i]],
+                        meta_seed=mg.seed, bn_layers=n_bn)
+        tasks.append(RecoveredTask(tr.x.detach().contiguous().cpu(), y.cpu(), idx[i], None if cls[i] is None else [int(c) for c in cls[i]],
                                    tr.losses, k, time.perf_counter() - t0, tr.step_seconds, settings))
     if update: _meta_update(mg, meta_grad, tasks)
     return tasks

@@ -149,13 +149,8 @@ def add(self: MemoryBank, task: Any) -> int:
 
 # %% ../nbs/08_replay.ipynb
 @patch
-def sample(self: MemoryBank, way: int = 5, shot: int = 1, query: int = 15, generator=None, distinct_tasks: bool = True,
-           source: str = "across") -> Task:
-    """A `way`-way `shot`-shot task with `query` queries per class: interpolated across the stored tasks (`source='across'`,
-    the paper's), or all classes from one stored task drawn at random (`source='within'`)."""
-    way, shot = check_int("way", way, 1), check_int("shot", shot, 1)
-    query, need = check_int("query", query, 1), shot + query
-    if source not in REPLAY_SOURCES: raise TGRError(f"source must be one of {REPLAY_SOURCES}, got {source!r}")
+def _choose(self: MemoryBank, way: int, need: int, generator, distinct_tasks: bool, source: str) -> list[tuple[int, int]]:
+    "The (stored task, local label) pairs of a new task: `way` distinct classes with `need` images each (fewer if the bank has fewer)."
     pairs = [(i, k) for i, t in enumerate(self.tasks) for k in range(len(t.classes)) if t.count(k) >= need]
     if source == "within":                           # one stored task that can fill the task; its pairs only
         full = [i for i in range(len(self.tasks)) if sum(p[0] == i for p in pairs) >= way]
@@ -170,6 +165,18 @@ def sample(self: MemoryBank, way: int = 5, shot: int = 1, query: int = 15, gener
             if len(chosen) == way: break
             if c in seen or (first_pass and i in used) or (i, k) in chosen: continue
             seen.add(c); used.add(i); chosen.append((i, k))
+    return chosen
+
+# %% ../nbs/08_replay.ipynb
+@patch
+def sample(self: MemoryBank, way: int = 5, shot: int = 1, query: int = 15, generator=None, distinct_tasks: bool = True,
+           source: str = "across") -> Task:
+    """A `way`-way `shot`-shot task with `query` queries per class: interpolated across the stored tasks (`source='across'`,
+    the paper's), or all classes from one stored task drawn at random (`source='within'`)."""
+    way, shot = check_int("way", way, 1), check_int("shot", shot, 1)
+    query, need = check_int("query", query, 1), shot + query
+    if source not in REPLAY_SOURCES: raise TGRError(f"source must be one of {REPLAY_SOURCES}, got {source!r}")
+    chosen = self._choose(way, need, generator, distinct_tasks, source)
     if len(chosen) < way:
         raise TGRError(f"the memory bank ({len(self)} tasks) holds only {len(chosen)} distinct classes with at least "
                        f"{need} images (shot {shot} + query {query}), but a {way}-way task needs {way}; add more tasks "
