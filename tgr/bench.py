@@ -5,26 +5,29 @@
 # %% ../nbs/13_bench.ipynb 3
 from __future__ import annotations
 import copy, os, platform, statistics, time
+from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import nn, Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from .core import TGRError, git_commit, save_json
-from .models import build_model
-from .replay import maml_outputs
+from .core import TGRError, check_int, git_commit, save_json
+from .models import build_model, Generator
+from .replay import maml_backward
 from .data import FewShotDataset
 from .evaluate import _in_place_learner, _sgd_in_place, _channels_last, meta_test
 from .igr import igr_step
 from .train import kd_loss
-from .inversion import benchmark_recovery
+from .inversion import BNStatHooks, generator_forward
 
 # %% auto 0
-__all__ = ['time_unit', 'count_flops', 'episode_unit', 'plain_episode', 'meta_test_unit', 'replay_unit', 'alignment_unit',
-           'reference_units', 'bench', 'format_bench']
+__all__ = ['GEN_30', 'GEN_30_REF', 'time_unit', 'count_flops', 'textbook_conv4', 'episode_unit', 'plain_episode',
+           'meta_test_unit', 'replay_unit', 'alignment_unit', 'generator_unit', 'reference_units', 'bench',
+           'format_bench']
 
 # %% ../nbs/13_bench.ipynb
 def time_unit(fn: Callable[[], object], reps: int = 5) -> dict:
@@ -41,16 +44,25 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(fc.get_total_flops())
 
 # %% ../nbs/13_bench.ipynb
-def _episode_data(shot: int, query: int = 15, way: int = 5, img: int = 32, seed: int = 0):
+def _episode_data(shot: int, query: int = 15, way: int = 5, img: int = 32, seed: int = 0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(way * shot, 3, img, img, generator=g), torch.arange(way).repeat_interleave(shot),
-            torch.rand(way * query, 3, img, img, generator=g), torch.arange(way).repeat_interleave(query))
+    return tuple(t.to(device) for t in (torch.rand(way * shot, 3, img, img, generator=g), torch.arange(way).repeat_interleave(shot),
+                                         torch.rand(way * query, 3, img, img, generator=g), torch.arange(way).repeat_interleave(query)))
 
 # %% ../nbs/13_bench.ipynb
-def episode_unit(shot: int, steps: int = 10, lr: float = 0.01) -> Callable[[], Tensor]:
+def textbook_conv4(model: nn.Module) -> nn.Module:
+    "A copy of a Conv4 classifier with each block in the textbook order (ReLU, then max-pool): the same function, as usually written."
+    net = copy.deepcopy(model)
+    for name, b in net.encoder.named_children():
+        if isinstance(b, nn.Sequential) and hasattr(b, "pool"):
+            setattr(net.encoder, name, nn.Sequential(OrderedDict(conv=b.conv, bn=b.bn, relu=b.relu, pool=b.pool)))
+    return net
+
+# %% ../nbs/13_bench.ipynb
+def episode_unit(shot: int, steps: int = 10, lr: float = 0.01, device="cpu") -> Callable[[], Tensor]:
     "One meta-test episode as `meta_test`'s loop runs it: in-place first-order steps, then the query predictions."
-    torch.manual_seed(0); model = build_model("conv4", 5, 32)
-    xs, ys, xq, yq = (_channels_last(t) for t in _episode_data(shot))
+    torch.manual_seed(0); model = build_model("conv4", 5, 32).to(device)
+    xs, ys, xq, yq = (_channels_last(t) for t in _episode_data(shot, device=device))
     net, ps, init = _in_place_learner(model)
     def run():
         with torch.no_grad(): torch._foreach_copy_(ps, init)
@@ -59,10 +71,10 @@ def episode_unit(shot: int, steps: int = 10, lr: float = 0.01) -> Callable[[], T
     return run
 
 # %% ../nbs/13_bench.ipynb
-def plain_episode(shot: int, steps: int = 10, lr: float = 0.01) -> Callable[[], Tensor]:
+def plain_episode(shot: int, steps: int = 10, lr: float = 0.01, device="cpu") -> Callable[[], Tensor]:
     "The reference: a copy of an `nn.Module` in train mode, `torch.autograd.grad`, and one in-place update per parameter."
-    torch.manual_seed(0); model = build_model("conv4", 5, 32)
-    xs, ys, xq, yq = _episode_data(shot)
+    torch.manual_seed(0); model = textbook_conv4(build_model("conv4", 5, 32)).to(device)
+    xs, ys, xq, yq = _episode_data(shot, device=device)
     def run():
         net = copy.deepcopy(model).train(); ps = list(net.parameters())
         for _ in range(steps):
@@ -80,12 +92,12 @@ def meta_test_unit(shot: int, n_tasks: int = 16) -> Callable[[], object]:
                         images=torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
     return lambda: meta_test(model, ds, 5, shot, n_tasks=n_tasks, show_progress=False)
 
-def replay_unit(n_tasks: int = 4, steps: int = 5) -> Callable[[], None]:
-    "One replay step: second-order MAML over `n_tasks` 5-way 1-shot tasks with 15 queries, forward and backward."
-    torch.manual_seed(0); model = build_model("conv4", 5, 32)
-    tasks = [_episode_data(1, seed=i) for i in range(n_tasks)]
+def replay_unit(n_tasks: int = 4, steps: int = 5, device="cpu") -> Callable[[], None]:
+    "One replay step: second-order MAML over `n_tasks` 5-way 1-shot tasks with 15 queries, forward and backward (`maml_backward`)."
+    torch.manual_seed(0); model = build_model("conv4", 5, 32).to(device)
+    tasks = [_episode_data(1, seed=i, device=device) for i in range(n_tasks)]
     def run():
-        model.zero_grad(set_to_none=True); maml_outputs(model, tasks, steps, 0.01).loss.backward()
+        model.zero_grad(set_to_none=True); maml_backward(model, tasks, steps, 0.01)
     return run
 
 # %% ../nbs/13_bench.ipynb
@@ -98,6 +110,28 @@ def alignment_unit(m: int = 4, per_class: int = 10, beta: float = 1e-3) -> Calla
     loss = kd_loss()
     def run():
         model.zero_grad(set_to_none=True); igr_step(model, batch, loss, beta)
+    return run
+
+# %% ../nbs/13_bench.ipynb
+class _ChannelMajorHooks(BNStatHooks):
+    "L_BN hooks as the reference codes write them: the variance of a channel-major copy of the BN input."
+    def _hook(self, mod, inp, out):
+        x = inp[0]; n = x.shape[1]
+        mean, var = x.mean([0, 2, 3]), x.permute(1, 0, 2, 3).contiguous().view(n, -1).var(1, unbiased=False)
+        self.terms.append(torch.norm(mod.running_mean - mean, 2) + torch.norm(mod.running_var - var, 2))
+
+def generator_unit(per_class: int = 6, authors: bool = False, device="cpu") -> Callable[[], None]:
+    """One Adam step of task recovery, 5 classes x `per_class` images, Table 7 generator, Conv4 teacher with BN hooks: the package's
+    (`generator_forward`, `BNStatHooks`), or with `authors` the reference formulation (upsample-then-conv, textbook teacher)."""
+    torch.manual_seed(0); teacher = build_model("conv4", 5, 32).eval().requires_grad_(False)
+    teacher = (textbook_conv4(teacher) if authors else teacher).to(device)
+    G, z = Generator().to(device), torch.randn(5 * per_class, 256, device=device).requires_grad_()
+    y = torch.arange(5, device=device).repeat_interleave(per_class)
+    opt, hooks = torch.optim.Adam([*G.parameters(), z], lr=1e-3), (_ChannelMajorHooks if authors else BNStatHooks)(teacher)
+    def run():
+        with hooks:
+            loss = F.cross_entropy(teacher(G(z) if authors else generator_forward(G, z)), y) + hooks.pop()
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
     return run
 
 # %% ../nbs/13_bench.ipynb
@@ -118,25 +152,33 @@ def _machine() -> str:
     except OSError: pass
     return platform.processor() or platform.machine()
 
+@contextmanager
+def _one_worker():
+    "One torch thread: `side_by_side` then runs its job in the calling thread, the only one `FlopCounterMode` sees."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    try: yield
+    finally: torch.set_num_threads(n)
+
 # %% ../nbs/13_bench.ipynb
-def bench(threads: int | None = None, reps: int = 7, out: str | Path | None = None, generator_steps: int = 15) -> dict:
+GEN_30, GEN_30_REF = "generator step, 30 images (tgr)", "generator step, 30 images (reference formulation)"
+
+def bench(threads: int | None = None, reps: int = 7, out: str | Path | None = None) -> dict:
     "Time and count every unit; return the record and write it to `out` (if given) as JSON."
-    if threads is not None: torch.set_num_threads(int(threads))
+    if threads is not None: torch.set_num_threads(check_int("threads", threads))
     units = {"meta-test episode 5w1s (tgr)": episode_unit(1), "meta-test episode 5w1s (plain PyTorch)": plain_episode(1),
              "meta-test episode 5w5s (tgr)": episode_unit(5), "meta-test episode 5w5s (plain PyTorch)": plain_episode(5),
              "meta_test, 16 episodes 5w1s (episodes side by side)": meta_test_unit(1), "meta_test, 16 episodes 5w5s": meta_test_unit(5),
              "replay, 4 tasks 5w1s (second order, 5 steps)": replay_unit(), "alignment step (IGR, m = 4, 50 images each)": alignment_unit(),
-             **reference_units()}
-    # FlopCounterMode sees the calling thread only, and meta_test runs its episodes in worker threads: count 16 episodes here
+             GEN_30: generator_unit(6), GEN_30_REF: generator_unit(6, authors=True),
+             "generator step, 150 images (tgr, the paper's 30 per class)": generator_unit(30), **reference_units()}
+    # FlopCounterMode sees the calling thread only, and meta_test and replay run their work in worker threads: count it here
     counted = {name: (lambda u=episode_unit(s): [u() for _ in range(16)]) for name, s in
                (("meta_test, 16 episodes 5w1s (episodes side by side)", 1), ("meta_test, 16 episodes 5w5s", 5))}
     rows = {}
     for name, fn in units.items():
-        t = time_unit(fn, reps); fl = count_flops(counted.get(name, fn))
+        t = time_unit(fn, reps)
+        with _one_worker(): fl = count_flops(counted.get(name, fn))
         rows[name] = {**t, "gflop": fl / 1e9, "gflop_per_s": fl / 1e9 / t["median_s"]}
-    gen = benchmark_recovery(steps=generator_steps, threads=threads)
-    rows["generator step (Table 7 generator, 150 images, Conv4 teacher, BN hooks)"] = {
-        "median_s": gen["step_median_s"], "min_s": gen["step_min_s"], "reps": generator_steps - 1, "gflop": None, "gflop_per_s": None}
     rec = {"machine": _machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "device": "cpu", "commit": git_commit(), "units": rows}
     if out is not None: save_json(rec, out)
@@ -155,4 +197,6 @@ def format_bench(rec: dict) -> str:
         a, b = u[f"meta-test episode {s} (tgr)"]["median_s"], u[f"meta-test episode {s} (plain PyTorch)"]["median_s"]
         lines.append(f"meta-test episode {s}: tgr takes {a / b:.2f} of the plain PyTorch time on one episode, "
                      f"{u[next(k for k in u if k.startswith(f'meta_test, 16 episodes {s}'))]['median_s'] / 16 / b:.2f} per episode in `meta_test`")
+    if GEN_30 in u and GEN_30_REF in u:
+        lines.append(f"generator step: tgr takes {u[GEN_30]['median_s'] / u[GEN_30_REF]['median_s']:.2f} of the reference formulation's time")
     return "\n".join(lines)

@@ -5,9 +5,10 @@
 # %% ../nbs/00_core.ipynb 3
 from __future__ import annotations
 import dataclasses, hashlib, io, json, os, random, resource, subprocess, sys, tempfile, time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -15,9 +16,9 @@ from tqdm.auto import tqdm
 
 # %% auto 0
 __all__ = ['TGRError', 'ArtifactError', 'check_int', 'check_number', 'seed_everything', 'rng_state', 'set_rng_state',
-           'make_generator', 'make_rng', 'get_device', 'to_jsonable', 'config_hash', 'save_artifact', 'load_artifact',
-           'is_valid_artifact', 'save_json', 'load_json', 'prepare_run_dir', 'append_jsonl', 'read_jsonl', 'cache_dir',
-           'git_commit', 'peak_memory_mb', 'Timer', 'progress']
+           'make_generator', 'make_rng', 'get_device', 'side_by_side', 'to_jsonable', 'config_hash', 'save_artifact',
+           'load_artifact', 'is_valid_artifact', 'save_json', 'load_json', 'prepare_run_dir', 'append_jsonl',
+           'read_jsonl', 'cache_dir', 'git_commit', 'peak_memory_mb', 'Timer', 'progress']
 
 # %% ../nbs/00_core.ipynb
 class TGRError(ValueError):
@@ -88,6 +89,17 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TGRError(f"device {device!r} was requested but CUDA is not available here: use device='cpu' or 'auto'")
     return dev
+
+# %% ../nbs/00_core.ipynb
+def side_by_side(fn: Callable[[int], Any], workers: int) -> list:
+    "`[fn(0), ..., fn(workers - 1)]`, run in `workers` Python threads with one torch thread each (one thread: called directly)."
+    workers = check_int("workers", workers)
+    if workers == 1: return [fn(0)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool: return list(pool.map(fn, range(workers)))
+    finally: torch.set_num_threads(before)
 
 # %% ../nbs/00_core.ipynb
 def to_jsonable(obj: Any) -> Any:

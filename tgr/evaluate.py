@@ -5,7 +5,6 @@
 # %% ../nbs/10_evaluate.ipynb 3
 from __future__ import annotations
 import copy, hashlib, math, time
-from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 from dataclasses import dataclass, field, asdict
 from typing import Callable, Mapping, Sequence
@@ -16,11 +15,11 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.func import vmap
 
-from .core import TGRError, check_int, check_number, get_device, progress
+from .core import TGRError, check_int, check_number, get_device, progress, side_by_side
 from .data import FewShotDataset, EpisodeSampler
 from .models import build_model
 from .pool import Pool, PoolMember
-from .replay import MetaForward, adapt
+from .replay import MetaForward, adapt, batch_stat_copy
 
 # %% auto 0
 __all__ = ['HEAD_INITS', 'TEST_HEADS', 'BASELINES', 'confidence_interval', 'MetaTestResult', 'meta_test', 'reset_head',
@@ -125,11 +124,7 @@ def _in_place_learner(model: nn.Module) -> tuple[nn.Module, list[Tensor], list[T
     """A copy of `model` that adapts in place, its parameters, and their starting values. Its BN layers normalise with batch
     statistics (the policy of `MetaForward`) through PyTorch's fused kernel: exact for first-order steps, which never
     differentiate through BN twice (notebook 08 shows that the fused kernel's double backward is not)."""
-    net = copy.deepcopy(model).eval().requires_grad_(True)
-    for mod in net.modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            mod.track_running_stats, mod.running_mean, mod.running_var, mod.num_batches_tracked = False, None, None, None
-    net = net.to(memory_format=torch.channels_last); ps = list(net.parameters())
+    net = batch_stat_copy(model).requires_grad_(True).to(memory_format=torch.channels_last); ps = list(net.parameters())
     return net, ps, [p.detach().clone() for p in ps]
 
 def _sgd_in_place(net: nn.Module, ps: list[Tensor], xs: Tensor, ys: Tensor, steps: int, lr: float) -> None:
@@ -154,16 +149,11 @@ def _in_place_rows(model: nn.Module, sampler: EpisodeSampler, steps: list[int], 
                     correct.append((net(xq).argmax(-1) == yq).sum())
                 out.append(torch.stack(correct))
         return out
-    rows, threads_before = [], torch.get_num_threads()
-    pool = ThreadPoolExecutor(workers) if workers > 1 else None
-    try:
-        if pool is not None: torch.set_num_threads(1)
-        for start in range(0, len(sampler), task_batch):
-            eps = [sampler.episode(i) for i in range(start, min(start + task_batch, len(sampler)))]
-            shares = list(pool.map(lambda k: run_share(k, eps), range(workers))) if pool else [run_share(0, eps)]
-            rows.append(torch.stack([shares[j % workers][j // workers] for j in range(len(eps))]).cpu()); bar.update(len(eps))
-    finally:
-        if pool is not None: pool.shutdown(); torch.set_num_threads(threads_before)
+    rows = []
+    for start in range(0, len(sampler), task_batch):
+        eps = [sampler.episode(i) for i in range(start, min(start + task_batch, len(sampler)))]
+        shares = side_by_side(lambda k: run_share(k, eps), workers)
+        rows.append(torch.stack([shares[j % workers][j // workers] for j in range(len(eps))]).cpu()); bar.update(len(eps))
     return rows
 
 # %% ../nbs/10_evaluate.ipynb

@@ -27,9 +27,9 @@ MIN_IMG_SIZE = 16
 
 # %% ../nbs/02_models.ipynb
 def conv_block(in_ch: int, out_ch: int = 32) -> nn.Sequential:
-    "One Conv4 block: 3x3 conv (padding 1) -> BatchNorm -> ReLU -> 2x2 max-pool (halves the side)."
+    "One Conv4 block: 3x3 conv (padding 1) -> BatchNorm -> ReLU -> 2x2 max-pool (halves the side), the pool run before the ReLU."
     return nn.Sequential(OrderedDict(conv=nn.Conv2d(in_ch, out_ch, 3, padding=1), bn=nn.BatchNorm2d(out_ch),
-                                     relu=nn.ReLU(), pool=nn.MaxPool2d(2)))
+                                     pool=nn.MaxPool2d(2), relu=nn.ReLU()))
 
 class Conv4(nn.Sequential):
     "Conv4 encoder: four `conv_block`s of `width` filters, then flatten; (B, in_ch, s, s) -> (B, width * (s // 16)**2)."

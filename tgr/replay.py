@@ -5,10 +5,10 @@
 # %% ../nbs/08_replay.ipynb 3
 from __future__ import annotations
 import copy, weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from numbers import Integral
 from types import SimpleNamespace
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -16,13 +16,14 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.func import functional_call, grad, vmap
 
-from .core import TGRError, check_int, check_number
+from .core import TGRError, check_int, check_number, side_by_side
 
 from fastcore.basics import patch
 
 # %% auto 0
 __all__ = ['Params', 'REPLAY_SOURCES', 'TaskLike', 'Task', 'StoredTask', 'MemoryBank', 'image_style', 'style_separability',
-           'BatchStatNorm', 'batch_stat_model', 'MetaForward', 'adapt', 'MAMLOutput', 'maml_outputs', 'maml_loss']
+           'BatchStatNorm', 'batch_stat_model', 'batch_stat_copy', 'MetaForward', 'adapt', 'MAMLOutput', 'maml_outputs',
+           'maml_loss', 'maml_backward']
 
 # %% ../nbs/08_replay.ipynb
 Params = dict[str, Tensor]
@@ -282,10 +283,19 @@ def batch_stat_model(model: nn.Module) -> nn.Module:
     return cached[1]
 
 # %% ../nbs/08_replay.ipynb
+def batch_stat_copy(model: nn.Module) -> nn.Module:
+    "A copy of `model` in eval mode whose BN layers keep no running statistics: they normalise with batch statistics, fused."
+    net = copy.deepcopy(model).eval()                      # eval: no dropout; these BN layers ignore the mode
+    for mod in net.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.track_running_stats, mod.running_mean, mod.running_var, mod.num_batches_tracked = False, None, None, None
+    return net
+
+# %% ../nbs/08_replay.ipynb
 class MetaForward:
-    "The meta-model as a pure function `(params, x) -> logits` under the batch-statistics BN policy."
-    def __init__(self, model: nn.Module):
-        self.model, self.twin = model, batch_stat_model(model)
+    "The meta-model as a pure function `(params, x) -> logits` under the batch-statistics BN policy (`twin`: default `batch_stat_model(model)`)."
+    def __init__(self, model: nn.Module, twin: nn.Module | None = None):
+        self.model, self.twin = model, batch_stat_model(model) if twin is None else twin
         self.fixed = {k: p.detach() for k, p in model.named_parameters()}   # used for any key `params` lacks
         keep = {k for k, _ in self.twin.named_buffers()}                     # non-BN buffers, if the model has any
         self.buffers = {k: b for k, b in model.named_buffers() if k in keep}
@@ -359,8 +369,33 @@ def _resolve_vectorize(vectorize: bool | None, tasks: list, device: torch.device
                        "and image size); draw them with one setting or pass vectorize=False")
     return bool(vectorize)
 
-def _channels_last(x: Tensor) -> Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+# %% ../nbs/08_replay.ipynb
+_LOOP_TWINS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+def _loop_twins(model: nn.Module, n: int) -> list[nn.Module]:
+    "`n` fused-BN copies of `model` on the meta device, one per thread (cached per model; parameters come with each call)."
+    names = tuple(k for k, _ in model.named_parameters())
+    cached, twins = _LOOP_TWINS.get(model, (None, []))
+    if cached != names: twins = []                             # first use, or the model was restructured
+    while len(twins) < n: twins.append(batch_stat_copy(model).requires_grad_(False).to("meta"))
+    _LOOP_TWINS[model] = (names, twins)
+    return twins[:n]
+
+# %% ../nbs/08_replay.ipynb
+def _adapt_list(fwd: Callable, ps: list[Tensor], xs: Tensor, ys: Tensor, steps: int, lr: float, first_order: bool) -> list[Tensor]:
+    "`adapt` on a list of tensors with `torch.autograd.grad` (the loop path): differentiable unless `first_order`; also under `no_grad`."
+    with torch.enable_grad():                                  # as `torch.func.grad` does, an outer no_grad only drops the outer graph
+        for _ in range(steps):
+            g = torch.autograd.grad(F.cross_entropy(fwd(ps, xs), ys), ps, create_graph=not first_order)
+            ps = [p - lr * gi for p, gi in zip(ps, g)]
+    return ps
+
+def _task_result(f: MetaForward, keys: list[str], ps: list[Tensor], task, steps: int, lr: float, first_order: bool):
+    "Query loss (with its graph) and accuracy of one task after adapting `ps` (named `keys`) on its support set."
+    xs, ys, xq, yq = task
+    fwd = lambda p, x: f(dict(zip(keys, p)), x)
+    logits = fwd(_adapt_list(fwd, ps, xs, ys, steps, lr, first_order), xq)
+    return F.cross_entropy(logits, yq), (logits.argmax(1) == yq).float().mean()
 
 # %% ../nbs/08_replay.ipynb
 def maml_outputs(model: nn.Module, tasks: Sequence[TaskLike], inner_steps: int = 5, inner_lr: float = 0.01,
@@ -377,7 +412,8 @@ def maml_outputs(model: nn.Module, tasks: Sequence[TaskLike], inner_steps: int =
     if vec:
         losses, accs = vmap(one, in_dims=(None, 0, 0, 0, 0))(params, *(torch.stack(z) for z in zip(*tasks)))
     else:
-        out = [one(params, _channels_last(xs), ys, _channels_last(xq), yq) for xs, ys, xq, yq in tasks]
+        g = MetaForward(model, _loop_twins(model, 1)[0])
+        out = [_task_result(g, list(params), list(params.values()), t, inner_steps, inner_lr, first_order) for t in tasks]
         losses, accs = torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
     return MAMLOutput(losses.mean(), losses.detach(), accs.detach(), vec)
 
@@ -386,3 +422,31 @@ def maml_loss(model: nn.Module, tasks: Sequence[TaskLike], inner_steps: int = 5,
               first_order: bool = False, vectorize: bool | None = None) -> Tensor:
     "Mean query loss over `tasks` after `inner_steps` SGD steps on each support set (Eq. 9); call `.backward()` on it."
     return maml_outputs(model, tasks, inner_steps, inner_lr, first_order, vectorize).loss
+
+# %% ../nbs/08_replay.ipynb
+def maml_backward(model: nn.Module, tasks: Sequence[TaskLike], inner_steps: int = 5, inner_lr: float = 0.01,
+                  first_order: bool = False, vectorize: bool | None = None) -> MAMLOutput:
+    """`maml_outputs(...).loss.backward()`: add the meta-gradient of the mean query loss to each parameter's `.grad`. On CPU the
+    tasks run side by side, one torch thread each; the returned loss is detached."""
+    tasks = _check_maml_args(model, tasks, inner_steps, inner_lr)
+    vec = _resolve_vectorize(vectorize, tasks, next(model.parameters()).device)
+    if vec or tasks[0][0].device.type != "cpu":
+        out = maml_outputs(model, tasks, inner_steps, inner_lr, first_order, vec); out.loss.backward()
+        return replace(out, loss=out.loss.detach())
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if not params: raise TGRError("the meta-model has no trainable parameters (all have requires_grad=False)")
+    keys, ps, workers = list(params), list(params.values()), min(torch.get_num_threads(), len(tasks))
+    twins = _loop_twins(model, workers)
+    def share(k):                                              # thread k: tasks k, k + workers, ...
+        f, out = MetaForward(model, twins[k]), []
+        for i in range(k, len(tasks), workers):
+            loss, acc = _task_result(f, keys, ps, tasks[i], inner_steps, inner_lr, first_order)
+            out.append((i, loss.detach(), acc, torch.autograd.grad(loss, ps)))
+        return out
+    res = sorted((r for s in side_by_side(share, workers) for r in s), key=lambda r: r[0])
+    with torch.no_grad():
+        for j, p in enumerate(ps):
+            g = sum(r[3][j] for r in res) / len(res)           # in task order: the same for any thread count
+            p.grad = g if p.grad is None else p.grad + g
+    losses = torch.stack([r[1] for r in res])
+    return MAMLOutput(losses.mean(), losses, torch.stack([r[2] for r in res]), False)

@@ -29,7 +29,7 @@ from .inversion import (AUGMENTATIONS, InversionConfig, RecoveredTask, default_a
                            recover_pool_tasks)
 from .five import MetaGenerator, five_recover
 from .grouping import task_groups, METHODS as _GROUP_METHODS
-from .replay import MemoryBank, REPLAY_SOURCES, maml_outputs
+from .replay import MemoryBank, REPLAY_SOURCES, maml_backward
 from .evaluate import TEST_HEADS, head_rule, meta_test
 
 # %% auto 0
@@ -386,9 +386,10 @@ def replay_tasks(run: TrainRun, state: TrainState, members: list[int], tasks: li
     for _ in range(cfg.replay_updates):
         rtasks = state.bank.sample_tasks(cfg.replay_batch, cfg.way, cfg.replay_shot, cfg.replay_query, generator=state.gen,
                                          source=cfg.replay_source)
-        out = maml_outputs(state.model, [t.to(run.device) for t in rtasks], cfg.inner_steps, cfg.inner_lr, cfg.first_order)
+        state.opt.zero_grad(set_to_none=True)
+        out = maml_backward(state.model, [t.to(run.device) for t in rtasks], cfg.inner_steps, cfg.inner_lr, cfg.first_order)
         if not torch.isfinite(out.loss): raise _nonfinite(run, "replay loss", "replay", epoch, "lower meta_lr or inner_lr")
-        state.opt.zero_grad(set_to_none=True); out.loss.backward(); state.opt.step()
+        state.opt.step()
         r_loss.append(out.loss.item()); r_acc.append(float(out.query_acc.mean()))
     return {"replay_loss": sum(r_loss) / len(r_loss), "replay_acc": 100 * sum(r_acc) / len(r_acc)}   # %, as val_acc
 

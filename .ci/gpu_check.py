@@ -1,0 +1,106 @@
+"""The GPU check of `tgr`, one short script for a machine with CUDA (about 3-5 minutes on one GPU):
+
+1. the smoke preset end to end on CUDA (`tgr run --preset smoke device=cuda`), its wall time and peak GPU memory;
+2. CPU and CUDA agree on a meta-test (same model, same seeded episodes) within float tolerance, and a replay
+   meta-gradient from the CUDA `vmap` path agrees with the CPU loop;
+3. the units of `tgr bench` timed on CUDA (synchronised), written with the CPU record format to `--out`.
+
+    python .ci/gpu_check.py --out results/bench_cuda.json
+
+Exits non-zero, with the reason, if CUDA is missing or a check fails.
+"""
+import argparse, os, platform, statistics, sys, tempfile, time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+
+DEV = "cuda"                                   # --device cpu runs the same checks on the CPU, to try the script without a GPU
+
+def sync():
+    if DEV == "cuda": torch.cuda.synchronize()
+
+def cuda_time(fn, reps=10):
+    "Median and minimum seconds of `fn()` on the device after a warm-up, synchronising around each call."
+    fn(); sync(); ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter(); fn(); sync(); ts.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(ts), "min_s": min(ts), "reps": reps}
+
+
+def smoke_on_cuda(workdir: Path) -> dict:
+    from tgr.runs import resolve_config, run
+    cfg = replace(resolve_config("smoke"), device=DEV)
+    if DEV == "cuda": torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    res = run(cfg, out=workdir/"smoke", show_progress=False)
+    peak = round(torch.cuda.max_memory_allocated() / 2**20) if DEV == "cuda" else None
+    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_gpu_mb": peak, "methods": res["methods"]}
+
+
+def cpu_cuda_agree() -> dict:
+    from tgr.bench import _episode_data
+    from tgr.data import FewShotDataset
+    from tgr.evaluate import meta_test
+    from tgr.models import build_model
+    from tgr.replay import maml_backward
+    torch.manual_seed(0); model = build_model("conv4", 5, 32)
+    ds = FewShotDataset(torch.arange(10).repeat_interleave(20), [str(c) for c in range(10)], ["random"] * 10,
+                        images=torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+    a = meta_test(model, ds, 5, 1, n_tasks=32, device="cpu", show_progress=False)
+    b = meta_test(model, ds, 5, 1, n_tasks=32, device=DEV, show_progress=False)
+    assert a.episodes == b.episodes, "CPU and CUDA drew different episodes"
+    per_task = max(abs(x - y) for x, y in zip(a.accs, b.accs))
+    tasks = [_episode_data(1, seed=i) for i in range(4)]
+    grads = {}
+    for dev in ("cpu", DEV):
+        m = build_model("conv4", 5, 32); m.load_state_dict(model.state_dict()); m.to(dev)
+        maml_backward(m, [tuple(z.to(dev) for z in t) for t in tasks])
+        grads[dev] = torch.cat([p.grad.flatten().cpu() for p in m.parameters()])
+    rel = float((grads["cpu"] - grads[DEV]).norm() / grads["cpu"].norm())
+    out = {"meta_test_acc_cpu": a.acc, "meta_test_acc_cuda": b.acc, "largest_per_episode_difference": per_task,
+           "replay_meta_gradient_relative_difference": rel}
+    # one flipped query of 75 = 1.33 points: float32 rounding after 10 steps flips a few; more, or a mean off by a point, is a bug
+    assert abs(a.acc - b.acc) < 1.0 and per_task <= 4.0, out
+    assert rel < 5e-2, out
+    return out
+
+
+def units_on_cuda() -> dict:
+    from tgr.bench import episode_unit, plain_episode, replay_unit, generator_unit, count_flops
+    rows = {}
+    units = {"meta-test episode 5w1s (tgr)": episode_unit(1, device=DEV), "meta-test episode 5w1s (plain PyTorch)": plain_episode(1, device=DEV),
+             "replay, 4 tasks 5w1s (second order, 5 steps; vmap on CUDA)": replay_unit(device=DEV),
+             "generator step, 30 images (tgr)": generator_unit(6, device=DEV),
+             "generator step, 30 images (reference formulation)": generator_unit(6, authors=True, device=DEV),
+             "generator step, 150 images (tgr, the paper's 30 per class)": generator_unit(30, device=DEV)}
+    for name, fn in units.items():
+        t = cuda_time(fn); fl = count_flops(fn)
+        rows[name] = {**t, "gflop": fl / 1e9, "gflop_per_s": fl / 1e9 / t["median_s"]}
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results/bench_cuda.json")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: try the script's plumbing without a GPU")
+    a = ap.parse_args()
+    global DEV; DEV = a.device
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # float32 on both sides of the comparison
+    if DEV == "cuda" and not torch.cuda.is_available(): sys.exit("no CUDA device: run this script on a machine with a GPU")
+    from tgr.core import git_commit, save_json
+    rec = {"machine": torch.cuda.get_device_name(0) if DEV == "cuda" else platform.processor(), "host": platform.node(), "torch": torch.__version__, "device": DEV,
+           "commit": git_commit(), "cuda": torch.version.cuda}
+    with tempfile.TemporaryDirectory() as d:
+        os.environ.setdefault("TGR_CACHE", str(Path(d)/"cache"))
+        t0 = time.perf_counter(); rec["agreement"] = cpu_cuda_agree(); print("CPU/CUDA agreement:", rec["agreement"], flush=True)
+        rec["units"] = units_on_cuda()
+        for k, v in rec["units"].items(): print(f"{k:60s} {1000 * v['median_s']:8.2f} ms {v['gflop_per_s']:8.1f} GFLOP/s", flush=True)
+        rec["smoke"] = smoke_on_cuda(Path(d)); print("smoke preset on CUDA:", rec["smoke"], flush=True)
+        rec["check_seconds"] = round(time.perf_counter() - t0, 1)
+    save_json(rec, a.out); print("wrote", a.out)
+
+
+if __name__ == "__main__":
+    main()
