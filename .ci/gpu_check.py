@@ -94,10 +94,10 @@ def main():
            "commit": git_commit(), "cuda": torch.version.cuda}
     with tempfile.TemporaryDirectory() as d:
         os.environ.setdefault("TGR_CACHE", str(Path(d)/"cache"))
-        t0 = time.perf_counter(); rec["agreement"] = cpu_cuda_agree(); print("CPU/CUDA agreement:", rec["agreement"], flush=True)
+        t0 = time.perf_counter(); rec["agreement"] = cpu_cuda_agree(); print(f"CPU/{DEV} agreement:", rec["agreement"], flush=True)
         rec["units"] = units_on_cuda()
         for k, v in rec["units"].items(): print(f"{k:60s} {1000 * v['median_s']:8.2f} ms {v['gflop_per_s']:8.1f} GFLOP/s", flush=True)
-        rec["smoke"] = smoke_on_cuda(Path(d)); print("smoke preset on CUDA:", rec["smoke"], flush=True)
+        rec["smoke"] = smoke_on_cuda(Path(d)); print(f"smoke preset on {DEV}:", rec["smoke"], flush=True)
         rec["check_seconds"] = round(time.perf_counter() - t0, 1)
     save_json(rec, a.out); print("wrote", a.out)
 

@@ -26,8 +26,8 @@ from .inversion import BNStatHooks, generator_forward
 
 # %% auto 0
 __all__ = ['GEN_30', 'GEN_30_REF', 'time_unit', 'count_flops', 'textbook_conv4', 'episode_unit', 'plain_episode',
-           'meta_test_unit', 'replay_unit', 'alignment_unit', 'generator_unit', 'reference_units', 'bench',
-           'format_bench']
+           'meta_test_unit', 'replay_unit', 'alignment_unit', 'generator_unit', 'generator_stages', 'reference_units',
+           'bench', 'format_bench']
 
 # %% ../nbs/13_bench.ipynb
 def time_unit(fn: Callable[[], object], reps: int = 5) -> dict:
@@ -120,19 +120,38 @@ class _ChannelMajorHooks(BNStatHooks):
         mean, var = x.mean([0, 2, 3]), x.permute(1, 0, 2, 3).contiguous().view(n, -1).var(1, unbiased=False)
         self.terms.append(torch.norm(mod.running_mean - mean, 2) + torch.norm(mod.running_var - var, 2))
 
-def generator_unit(per_class: int = 6, authors: bool = False, device="cpu") -> Callable[[], None]:
-    """One Adam step of task recovery, 5 classes x `per_class` images, Table 7 generator, Conv4 teacher with BN hooks: the package's
-    (`generator_forward`, `BNStatHooks`), or with `authors` the reference formulation (upsample-then-conv, textbook teacher)."""
+def _generator_setup(per_class: int, authors: bool, device):
+    "Teacher, generator, codes, labels, Adam and hooks of one recovery, the package's or the reference formulation's."
     torch.manual_seed(0); teacher = build_model("conv4", 5, 32).eval().requires_grad_(False)
     teacher = (textbook_conv4(teacher) if authors else teacher).to(device)
     G, z = Generator().to(device), torch.randn(5 * per_class, 256, device=device).requires_grad_()
     y = torch.arange(5, device=device).repeat_interleave(per_class)
     opt, hooks = torch.optim.Adam([*G.parameters(), z], lr=1e-3), (_ChannelMajorHooks if authors else BNStatHooks)(teacher)
+    return teacher, (lambda: G(z)) if authors else (lambda: generator_forward(G, z)), y, opt, hooks
+
+def generator_unit(per_class: int = 6, authors: bool = False, device="cpu") -> Callable[[], None]:
+    """One Adam step of task recovery, 5 classes x `per_class` images, Table 7 generator, Conv4 teacher with BN hooks: the package's
+    (`generator_forward`, `BNStatHooks`), or with `authors` the reference formulation (upsample-then-conv, textbook teacher)."""
+    teacher, generate, y, opt, hooks = _generator_setup(per_class, authors, device)
     def run():
-        with hooks:
-            loss = F.cross_entropy(teacher(G(z) if authors else generator_forward(G, z)), y) + hooks.pop()
+        with hooks: loss = F.cross_entropy(teacher(generate()), y) + hooks.pop()
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
     return run
+
+# %% ../nbs/13_bench.ipynb
+def generator_stages(per_class: int = 6, reps: int = 7, authors: bool = False) -> dict[str, float]:
+    "Median seconds of each stage of one generator step: generator forward, teacher forward with hooks and loss, backward, Adam."
+    teacher, generate, y, opt, hooks = _generator_setup(per_class, authors, "cpu")
+    times: dict[str, list] = {k: [] for k in ("generator forward", "teacher forward, hooks, loss", "backward", "Adam")}
+    for rep in range(reps + 1):                                # the first step warms up
+        t = [time.perf_counter()]
+        with hooks:
+            x = generate(); t.append(time.perf_counter())
+            loss = F.cross_entropy(teacher(x), y) + hooks.pop(); t.append(time.perf_counter())
+        opt.zero_grad(set_to_none=True); loss.backward(); t.append(time.perf_counter())
+        opt.step(); t.append(time.perf_counter())
+        if rep: [times[k].append(b - a) for k, a, b in zip(times, t, t[1:])]
+    return {k: statistics.median(v) for k, v in times.items()}
 
 # %% ../nbs/13_bench.ipynb
 def reference_units(n: int = 2048, batch: int = 256) -> dict[str, Callable[[], None]]:
@@ -179,8 +198,9 @@ def bench(threads: int | None = None, reps: int = 7, out: str | Path | None = No
         t = time_unit(fn, reps)
         with _one_worker(): fl = count_flops(counted.get(name, fn))
         rows[name] = {**t, "gflop": fl / 1e9, "gflop_per_s": fl / 1e9 / t["median_s"]}
+    stages = {"tgr": generator_stages(6, reps), "reference formulation": generator_stages(6, reps, authors=True)}
     rec = {"machine": _machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "device": "cpu", "commit": git_commit(), "units": rows}
+           "device": "cpu", "commit": git_commit(), "units": rows, "generator_stages_s": stages}
     if out is not None: save_json(rec, out)
     return rec
 
@@ -199,4 +219,6 @@ def format_bench(rec: dict) -> str:
                      f"{u[next(k for k in u if k.startswith(f'meta_test, 16 episodes {s}'))]['median_s'] / 16 / b:.2f} per episode in `meta_test`")
     if GEN_30 in u and GEN_30_REF in u:
         lines.append(f"generator step: tgr takes {u[GEN_30]['median_s'] / u[GEN_30_REF]['median_s']:.2f} of the reference formulation's time")
+    for who, st in rec.get("generator_stages_s", {}).items():
+        lines.append(f"generator step stages, 30 images, {who}: " + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in st.items()))
     return "\n".join(lines)
