@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb 3
 from __future__ import annotations
-import dataclasses, hashlib, io, json, os, random, resource, subprocess, sys, tempfile, time
+import dataclasses, hashlib, io, json, os, random, resource, subprocess, sys, tempfile, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,9 +16,10 @@ from tqdm.auto import tqdm
 
 # %% auto 0
 __all__ = ['TGRError', 'ArtifactError', 'check_int', 'check_number', 'seed_everything', 'rng_state', 'set_rng_state',
-           'make_generator', 'make_rng', 'get_device', 'side_by_side', 'to_jsonable', 'config_hash', 'save_artifact',
-           'load_artifact', 'is_valid_artifact', 'save_json', 'load_json', 'prepare_run_dir', 'append_jsonl',
-           'read_jsonl', 'cache_dir', 'git_commit', 'peak_memory_mb', 'Timer', 'progress']
+           'make_generator', 'make_rng', 'get_device', 'n_workers', 'side_by_side', 'seeded', 'to_jsonable',
+           'config_hash', 'save_artifact', 'load_artifact', 'is_valid_artifact', 'save_json', 'load_json',
+           'prepare_run_dir', 'append_jsonl', 'read_jsonl', 'cache_dir', 'git_commit', 'peak_memory_mb', 'Timer',
+           'progress']
 
 # %% ../nbs/00_core.ipynb
 class TGRError(ValueError):
@@ -91,15 +92,32 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 # %% ../nbs/00_core.ipynb
-def side_by_side(fn: Callable[[int], Any], workers: int) -> list:
-    "`[fn(0), ..., fn(workers - 1)]`, run in `workers` Python threads with one torch thread each (one thread: called directly)."
-    workers = check_int("workers", workers)
-    if workers == 1: return [fn(0)]
-    before = torch.get_num_threads()
+def n_workers(n_items: int, device="cpu") -> int:
+    "Threads `side_by_side` uses for `n_items` items: torch's thread count, at most one per item, on CPU; 1 elsewhere."
+    return max(1, min(torch.get_num_threads(), n_items)) if torch.device(device).type == "cpu" else 1
+
+def side_by_side(fn: Callable[[int, Any], Any], items: Iterable, device="cpu") -> list:
+    "`fn(k, item)` for each item, results in order; on CPU spread over `n_workers` threads of one torch thread each (thread k: items k, k + workers, ...)."
+    items = list(items)
+    if torch.device(device).type != "cpu": return [fn(0, it) for it in items]
+    workers, before = n_workers(len(items)), torch.get_num_threads()
+    def share(k): return [(j, fn(k, items[j])) for j in range(k, len(items), workers)]
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(workers) as pool: return list(pool.map(fn, range(workers)))
+        if workers == 1: done = [share(0)]
+        else:
+            with ThreadPoolExecutor(workers) as pool: done = list(pool.map(share, range(workers)))
     finally: torch.set_num_threads(before)
+    return [r for _, r in sorted((p for s in done for p in s), key=lambda p: p[0])]
+
+# %% ../nbs/00_core.ipynb
+_SEEDED = threading.Lock()
+
+@contextmanager
+def seeded(seed: int):
+    "Run the block with torch's global CPU generator seeded to `seed`, restored after, one thread at a time (for building modules)."
+    with _SEEDED, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed)); yield
 
 # %% ../nbs/00_core.ipynb
 def to_jsonable(obj: Any) -> Any:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.func import vmap
 
-from .core import TGRError, check_int, check_number, get_device, progress, side_by_side
+from .core import TGRError, check_int, check_number, get_device, progress, n_workers, side_by_side, seeded
 from .data import FewShotDataset, EpisodeSampler
 from .models import build_model
 from .pool import Pool, PoolMember
@@ -135,25 +135,22 @@ def _sgd_in_place(net: nn.Module, ps: list[Tensor], xs: Tensor, ys: Tensor, step
 
 # %% ../nbs/10_evaluate.ipynb
 def _in_place_rows(model: nn.Module, sampler: EpisodeSampler, steps: list[int], lr: float, task_batch: int, dev, bar) -> list[Tensor]:
-    "Correct query predictions per episode and step count, `workers` episodes at a time (one Python and one torch thread each)."
-    workers = min(torch.get_num_threads(), task_batch) if dev.type == "cpu" else 1
-    learners = [_in_place_learner(model) for _ in range(workers)]
-    def run_share(k, eps):                                  # thread k: episodes k, k + workers, ... of the chunk, on learner k
-        net, ps, init = learners[k]; out = []
+    "Correct query predictions per episode and step count, `task_batch` episodes at a time side by side (one learner per thread)."
+    learners = [_in_place_learner(model) for _ in range(n_workers(task_batch, dev))]
+    def run_one(k, episode):                                 # on thread k, with learner k
+        net, ps, init = learners[k]
+        xs, ys, xq, yq = episode
+        xs, ys, xq, yq = _channels_last(xs.to(dev)), ys.to(dev), _channels_last(xq.to(dev)), yq.to(dev)
         with torch.no_grad():
-            for xs, ys, xq, yq in eps[k::workers]:
-                xs, ys, xq, yq = _channels_last(xs.to(dev)), ys.to(dev), _channels_last(xq.to(dev)), yq.to(dev)
-                torch._foreach_copy_(ps, init); done, correct = 0, []
-                for s in steps:
-                    _sgd_in_place(net, ps, xs, ys, s - done, lr); done = s
-                    correct.append((net(xq).argmax(-1) == yq).sum())
-                out.append(torch.stack(correct))
-        return out
+            torch._foreach_copy_(ps, init); done, correct = 0, []
+            for s in steps:
+                _sgd_in_place(net, ps, xs, ys, s - done, lr); done = s
+                correct.append((net(xq).argmax(-1) == yq).sum())
+        return torch.stack(correct)
     rows = []
     for start in range(0, len(sampler), task_batch):
         eps = [sampler.episode(i) for i in range(start, min(start + task_batch, len(sampler)))]
-        shares = side_by_side(lambda k: run_share(k, eps), workers)
-        rows.append(torch.stack([shares[j % workers][j // workers] for j in range(len(eps))]).cpu()); bar.update(len(eps))
+        rows.append(torch.stack(side_by_side(run_one, eps, dev)).cpu()); bar.update(len(eps))
     return rows
 
 # %% ../nbs/10_evaluate.ipynb
@@ -226,9 +223,7 @@ def _arch_members(pool: Pool, arch: str | None) -> tuple[str, list[PoolMember]]:
 def _finetune(pool: Pool, seed: int, arch: str | None) -> nn.Module:
     if not len(pool): raise TGRError("the pool is empty: build one with tgr.pool.build_pool")
     ref = pool[0]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        return build_model(arch or "conv4", ref.n_classes, ref.img_size, ref.in_ch)
+    with seeded(seed): return build_model(arch or "conv4", ref.n_classes, ref.img_size, ref.in_ch)
 
 # %% ../nbs/10_evaluate.ipynb
 def _best_model(pool: Pool, seed: int, arch: str | None) -> nn.Module:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.func import functional_call, grad, vmap
 
-from .core import (TGRError, config_hash, make_generator, save_artifact, load_artifact, is_valid_artifact,
+from .core import (TGRError, config_hash, make_generator, save_artifact, load_artifact, is_valid_artifact, seeded,
                       get_device, progress, cache_dir)
 from .models import build_model
 from .inversion import RecoveredTask, eval_frozen, member_fingerprint
@@ -147,9 +147,7 @@ def _img_size(tasks, pool) -> int:
 def random_probe(arch: str = "conv4", seed: int = 0, pool=None, tasks=None, device=None) -> Probe:
     "An untrained `arch` encoder with seeded initial weights (the naive offline probe; see the comparison below)."
     size = _img_size(tasks, pool)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=make_generator(seed, 7))))
-        m = build_model(arch, 1, size)
+    with seeded(int(torch.randint(2**62, (1,), generator=make_generator(seed, 7)))): m = build_model(arch, 1, size)
     return _finish(f"random-{arch}", m.encoder, m.feat_dim, dict(arch=arch, seed=seed, img_size=size), device,
                    description=f"untrained {arch}, seed {seed}")
 
@@ -192,9 +190,7 @@ def distilled_probe(pool=None, tasks=None, arch: str = "conv4", epochs: int = 20
     if cache and is_valid_artifact(path): m.load_state_dict(load_artifact(path))
     else:
         dev = get_device(device); g = make_generator(seed, 11)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))
-            m = build_model(arch, n_cls, x.shape[-1], x.shape[1]).to(dev).train()
+        with seeded(int(torch.randint(2**62, (1,), generator=g))): m = build_model(arch, n_cls, x.shape[-1], x.shape[1]).to(dev).train()
         opt = torch.optim.Adam(m.parameters(), lr=lr)
         xd, yd = x.to(dev), y.to(dev)
         for _ in range(epochs):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 
-from .core import TGRError, check_int, check_number, make_generator, get_device, progress, peak_memory_mb
+from .core import TGRError, check_int, check_number, make_generator, get_device, progress, peak_memory_mb, seeded
 from .models import Generator, build_model
 from .inversion import (AUGMENTATIONS, RecoveredTask, BNStatHooks, InversionTrace, bn_layers, eval_frozen, inversion_loop,
                            generator_forward)
@@ -143,8 +143,7 @@ class MetaGenerator:
         if isinstance(seed, bool) or not isinstance(seed, int): raise TGRError(f"seed must be an integer, got {seed!r}")
         self.seed, self.device = seed, get_device(device)
         g = make_generator(seed, _META_KEY)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))
+        with seeded(int(torch.randint(2**62, (1,), generator=g))):
             self.generator = Generator(self.cfg.z_dim, self.cfg.ngf, img_size, in_ch)
         self.generator.to(self.device).train()
         self.img_size, self.in_ch = self.generator.img_size, self.generator.out_ch

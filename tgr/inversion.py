@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .core import (TGRError, check_int, check_number, config_hash, make_generator, save_artifact, load_artifact, is_valid_artifact,
+from .core import (TGRError, check_int, check_number, config_hash, make_generator, save_artifact, load_artifact, is_valid_artifact, seeded, side_by_side,
                       get_device, progress, cache_dir)
 from .models import Generator
 
@@ -23,7 +23,8 @@ from .models import Generator
 __all__ = ['AUGMENTATIONS', 'INVERSION_PRESETS', 'eval_frozen', 'bn_layers', 'BNStatHooks', 'upsample_conv_as_transpose',
            'generator_forward', 'random_augment', 'default_augment', 'InversionTrace', 'inversion_loop',
            'RecoveredTask', 'InversionConfig', 'inversion_config', 'recover_task', 'member_fingerprint',
-           'pool_fingerprint', 'task_key', 'recover_member', 'recover_pool_tasks', 'benchmark_recovery']
+           'pool_fingerprint', 'task_key', 'recover_member', 'recover_members', 'recover_pool_tasks',
+           'benchmark_recovery']
 
 # %% ../nbs/04_inversion.ipynb
 @contextmanager
@@ -238,8 +239,7 @@ def _start(cfg: InversionConfig, key: int, n: int, img_size: int, in_ch: int, ge
     g = make_generator(cfg.seed, key)
     seed_G = int(torch.randint(2**62, (1,), generator=g))          # drawn either way: z is the same with or without `generator`
     if generator is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed_G); G = Generator(z_dim, ngf, img_size, in_ch)
+        with seeded(seed_G): G = Generator(z_dim, ngf, img_size, in_ch)
     else: G = copy.deepcopy(generator)
     return G, torch.randn(n, z_dim, generator=g), z_dim, ngf
 
@@ -300,6 +300,17 @@ def recover_member(member, cfg: InversionConfig | str | None = None, device=None
                         member_index=member.index, classes=member.classes, device=device, show_progress=show_progress)
 
 # %% ../nbs/04_inversion.ipynb
+def recover_members(pool, members: Sequence[int], cfg: InversionConfig | str | None = None, device=None,
+                    on_done: Callable | None = None) -> list[RecoveredTask]:
+    "`recover_member` for each pool position in `members`, side by side on CPU (one torch thread per task); `on_done(i, task)` as each ends."
+    cfg, dev = inversion_config(cfg), get_device(device)
+    def one(k, i):
+        task = recover_member(pool[i], cfg, dev)
+        if on_done is not None: on_done(i, task)
+        return task
+    return side_by_side(one, members, dev)
+
+# %% ../nbs/04_inversion.ipynb
 def recover_pool_tasks(pool, cfg: InversionConfig | str | None = None, members: Sequence[int] | None = None,
                        out_dir: str | Path | None = None, cache: bool = True, device=None,
                        show_progress: bool = True) -> list[RecoveredTask]:
@@ -311,15 +322,14 @@ def recover_pool_tasks(pool, cfg: InversionConfig | str | None = None, members: 
     bad = [i for i in members if not (isinstance(i, int) and 0 <= i < len(pool))]
     if bad: raise TGRError(f"member positions {bad} are outside the pool (0..{len(pool) - 1})")
     root = Path(out_dir) if out_dir is not None else cache_dir("tasks")
-    out = []
-    for i in progress(members, desc="recover tasks", disable=not show_progress, leave=True):
-        m = pool[i]; path = root/f"task-{task_key(m, cfg)}.pt"
-        if cache and is_valid_artifact(path):
-            out.append(RecoveredTask.from_dict(load_artifact(path))); continue
-        task = recover_member(m, cfg, device)
-        if cache: save_artifact(task.to_dict(), path)
-        out.append(task)
-    return out
+    path = lambda i: root/f"task-{task_key(pool[i], cfg)}.pt"
+    todo = [i for i in members if not (cache and is_valid_artifact(path(i)))]
+    bar = progress(total=len(todo), desc="recover tasks", disable=not show_progress, leave=True)
+    def done(i, task):                                         # saved as soon as it is recovered
+        if cache: save_artifact(task.to_dict(), path(i))
+        bar.update(1)
+    fresh = dict(zip(todo, recover_members(pool, todo, cfg, device, done))); bar.close()
+    return [fresh[i] if i in fresh else RecoveredTask.from_dict(load_artifact(path(i))) for i in members]
 
 # %% ../nbs/04_inversion.ipynb
 def benchmark_recovery(arch: str = "conv4", n_classes: int = 5, per_class: int = 30, steps: int = 200, img_size: int = 32,

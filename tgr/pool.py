@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import (TGRError, check_int, config_hash, make_rng, save_artifact, load_artifact, is_valid_artifact,
+from .core import (TGRError, check_int, config_hash, make_rng, save_artifact, load_artifact, is_valid_artifact, seeded, side_by_side,
                       save_json, load_json, get_device, progress, cache_dir)
 from .data import FewShotDataset, load_benchmark
 from .models import build_model, MODELS
@@ -136,23 +136,21 @@ def _train_member(ds: FewShotDataset, cfg: PoolConfig, i: int, device) -> PoolMe
         xtr, xho = [F.interpolate(x, size=cfg.img_size, mode="bilinear", antialias=True) for x in (xtr, xho)]
     ytr, yho = torch.tensor(tr_y), torch.tensor(ho_y)
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(rng.integers(2**62)))
-        model = build_model(arch, cfg.way, xtr.shape[-1], xtr.shape[1]).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        xtr_d, ytr_d = xtr.to(device), ytr.to(device)
-        model.train()
-        for _ in range(cfg.epochs):
-            perm = torch.randperm(len(ytr), generator=g)
-            for b in range(0, len(perm), cfg.batch_size):
-                j = perm[b:b + cfg.batch_size]
-                if len(j) < 2: continue                          # BN needs two samples
-                loss = F.cross_entropy(model(xtr_d[j]), ytr_d[j])
-                opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        model.eval()
-        with torch.no_grad():
-            acc = torch.cat([model(xho[b:b + 256].to(device)).argmax(1).cpu() for b in range(0, len(yho), 256)]).eq(yho).float().mean().item()
+    with seeded(int(rng.integers(2**62))): model = build_model(arch, cfg.way, xtr.shape[-1], xtr.shape[1]).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    xtr_d, ytr_d = xtr.to(device), ytr.to(device)
+    model.train()
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(len(ytr), generator=g)
+        for b in range(0, len(perm), cfg.batch_size):
+            j = perm[b:b + cfg.batch_size]
+            if len(j) < 2: continue                          # BN needs two samples
+            loss = F.cross_entropy(model(xtr_d[j]), ytr_d[j])
+            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = torch.cat([model(xho[b:b + 256].to(device)).argmax(1).cpu() for b in range(0, len(yho), 256)]).eq(yho).float().mean().item()
     return PoolMember(index=i, arch=arch, classes=list(classes), class_names=[ds.classes[c] for c in classes],
                       class_domains=[ds.domain[c] for c in classes], heldout_acc=acc, img_size=xtr.shape[-1],
                       in_ch=xtr.shape[1], weights={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
@@ -211,8 +209,10 @@ def build_pool(cfg: PoolConfig = PoolConfig(), out_dir: str | Path | None = None
     if not os.access(path, os.W_OK): raise TGRError(f"pool folder {path} is not writable; choose another out_dir")
     if not (path/"pool.json").exists(): save_json({"config": cfg, "dataset": repr(ds)}, path/"pool.json")
     todo = [i for i in range(rank, cfg.n_models, world_size) if not is_valid_artifact(path/f"member_{i:04d}.pt")]
-    for i in progress(todo, desc=f"pool (rank {rank}/{world_size})", disable=not show_progress, leave=True):
-        save_artifact(_train_member(ds, cfg, i, device).to_dict(), path/f"member_{i:04d}.pt")
+    bar = progress(total=len(todo), desc=f"pool (rank {rank}/{world_size})", disable=not show_progress, leave=True)
+    def train(k, i):                                           # members side by side on CPU, one torch thread each
+        save_artifact(_train_member(ds, cfg, i, device).to_dict(), path/f"member_{i:04d}.pt"); bar.update(1)
+    side_by_side(train, todo, device); bar.close()
     return load_pool(path, partial=world_size > 1)
 
 # %% ../nbs/03_pool.ipynb

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.func import functional_call, grad, vmap
 
-from .core import TGRError, check_int, check_number, side_by_side
+from .core import TGRError, check_int, check_number, n_workers, side_by_side
 
 from fastcore.basics import patch
 
@@ -435,18 +435,15 @@ def maml_backward(model: nn.Module, tasks: Sequence[TaskLike], inner_steps: int 
         return replace(out, loss=out.loss.detach())
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     if not params: raise TGRError("the meta-model has no trainable parameters (all have requires_grad=False)")
-    keys, ps, workers = list(params), list(params.values()), min(torch.get_num_threads(), len(tasks))
-    twins = _loop_twins(model, workers)
-    def share(k):                                              # thread k: tasks k, k + workers, ...
-        f, out = MetaForward(model, twins[k]), []
-        for i in range(k, len(tasks), workers):
-            loss, acc = _task_result(f, keys, ps, tasks[i], inner_steps, inner_lr, first_order)
-            out.append((i, loss.detach(), acc, torch.autograd.grad(loss, ps)))
-        return out
-    res = sorted((r for s in side_by_side(share, workers) for r in s), key=lambda r: r[0])
+    keys, ps = list(params), list(params.values())
+    twins = _loop_twins(model, n_workers(len(tasks)))
+    def one(k, task):                                          # on thread k, with its own copy of the model
+        loss, acc = _task_result(MetaForward(model, twins[k]), keys, ps, task, inner_steps, inner_lr, first_order)
+        return loss.detach(), acc, torch.autograd.grad(loss, ps)
+    res = side_by_side(one, tasks)
     with torch.no_grad():
         for j, p in enumerate(ps):
-            g = sum(r[3][j] for r in res) / len(res)           # in task order: the same for any thread count
+            g = sum(r[2][j] for r in res) / len(res)           # in task order: the same for any thread count
             p.grad = g if p.grad is None else p.grad + g
-    losses = torch.stack([r[1] for r in res])
-    return MAMLOutput(losses.mean(), losses, torch.stack([r[2] for r in res]), False)
+    losses = torch.stack([r[0] for r in res])
+    return MAMLOutput(losses.mean(), losses, torch.stack([r[1] for r in res]), False)

@@ -25,7 +25,7 @@ from .models import build_model, MODELS
 from .pool import PoolConfig, build_pool, Pool
 from .igr import igr_step, erm_step, GradStats
 from .bell import bell_step
-from .inversion import (AUGMENTATIONS, InversionConfig, RecoveredTask, default_augment, random_augment, recover_member,
+from .inversion import (AUGMENTATIONS, InversionConfig, RecoveredTask, default_augment, random_augment, recover_members,
                            recover_pool_tasks)
 from .five import MetaGenerator, five_recover
 from .grouping import task_groups, METHODS as _GROUP_METHODS
@@ -352,7 +352,7 @@ def recover_tasks(run: TrainRun, state: TrainState, members: list[int], epoch: i
     if not (cfg.reinvert_every > 0 and epoch % cfg.reinvert_every == 0): return [run.stages.tasks[i] for i in members], False
     if run.train is not None: return [real_task(pool[i], run.train, cfg.inv_per_class, seed) for i in members], True
     inv = replace(run.stages.inversion, seed=seed)
-    return [recover_member(pool[i], inv, run.device) for i in members], True
+    return recover_members(pool, members, inv, run.device), True
 
 # %% ../nbs/09_train.ipynb
 def _nonfinite(run: TrainRun, what: str, step: str, epoch: int, fix: str) -> TGRError:
