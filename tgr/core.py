@@ -97,7 +97,7 @@ def n_workers(n_items: int, device="cpu") -> int:
     return max(1, min(torch.get_num_threads(), n_items)) if torch.device(device).type == "cpu" else 1
 
 def side_by_side(fn: Callable[[int, Any], Any], items: Iterable, device="cpu") -> list:
-    "`fn(k, item)` for each item, results in order; on CPU spread over `n_workers` threads of one torch thread each (thread k: items k, k + workers, ...)."
+    "`fn(k, item)` for each item, results in order; on CPU over `n_workers` threads of one torch thread (thread k: items k, k + workers, ...)."
     items = list(items)
     if torch.device(device).type != "cpu": return [fn(0, it) for it in items]
     workers, before = n_workers(len(items)), torch.get_num_threads()

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .core import (TGRError, check_int, check_number, config_hash, make_generator, save_artifact, load_artifact, is_valid_artifact, seeded, side_by_side,
-                      get_device, progress, cache_dir)
+from .core import (TGRError, check_int, check_number, config_hash, make_generator, save_artifact, load_artifact, is_valid_artifact,
+                      seeded, side_by_side, get_device, progress, cache_dir)
 from .models import Generator
 
 # %% auto 0
@@ -302,7 +302,7 @@ def recover_member(member, cfg: InversionConfig | str | None = None, device=None
 # %% ../nbs/04_inversion.ipynb
 def recover_members(pool, members: Sequence[int], cfg: InversionConfig | str | None = None, device=None,
                     on_done: Callable | None = None) -> list[RecoveredTask]:
-    "`recover_member` for each pool position in `members`, side by side on CPU (one torch thread per task); `on_done(i, task)` as each ends."
+    "`recover_member` for each pool position in `members`, side by side on CPU (a torch thread per task); then `on_done(i, task)`."
     cfg, dev = inversion_config(cfg), get_device(device)
     def one(k, i):
         task = recover_member(pool[i], cfg, dev)
