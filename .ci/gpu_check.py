@@ -9,7 +9,7 @@
 
 Exits non-zero, with the reason, if CUDA is missing or a check fails.
 """
-import argparse, os, platform, statistics, sys, tempfile, time
+import argparse, os, platform, sys, tempfile, time
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,14 +20,6 @@ DEV = "cuda"                                   # --device cpu runs the same chec
 
 def sync():
     if DEV == "cuda": torch.cuda.synchronize()
-
-def cuda_time(fn, reps=10):
-    "Median and minimum seconds of `fn()` on the device after a warm-up, synchronising around each call."
-    fn(); sync(); ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter(); fn(); sync(); ts.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(ts), "min_s": min(ts), "reps": reps}
-
 
 def smoke_on_cuda(workdir: Path) -> dict:
     from tgr.runs import resolve_config, run
@@ -68,7 +60,7 @@ def cpu_cuda_agree() -> dict:
 
 
 def units_on_cuda() -> dict:
-    from tgr.bench import episode_unit, plain_episode, replay_unit, generator_unit, count_flops
+    from tgr.bench import episode_unit, plain_episode, replay_unit, generator_unit, count_flops, time_unit
     rows = {}
     units = {"meta-test episode 5w1s (tgr)": episode_unit(1, device=DEV), "meta-test episode 5w1s (plain PyTorch)": plain_episode(1, device=DEV),
              "replay, 4 tasks 5w1s (second order, 5 steps; vmap on CUDA)": replay_unit(device=DEV),
@@ -76,7 +68,7 @@ def units_on_cuda() -> dict:
              "generator step, 30 images (reference formulation)": generator_unit(6, authors=True, device=DEV),
              "generator step, 150 images (tgr, the paper's 30 per class)": generator_unit(30, device=DEV)}
     for name, fn in units.items():
-        t = cuda_time(fn); fl = count_flops(fn)
+        t = time_unit(lambda: (fn(), sync()), reps=10); fl = count_flops(fn)   # synchronised: the device's time
         rows[name] = {**t, "gflop": fl / 1e9, "gflop_per_s": fl / 1e9 / t["median_s"]}
     return rows
 

@@ -150,7 +150,8 @@ def generator_stages(per_class: int = 6, reps: int = 7, authors: bool = False) -
             loss = F.cross_entropy(teacher(x), y) + hooks.pop(); t.append(time.perf_counter())
         opt.zero_grad(set_to_none=True); loss.backward(); t.append(time.perf_counter())
         opt.step(); t.append(time.perf_counter())
-        if rep: [times[k].append(b - a) for k, a, b in zip(times, t, t[1:])]
+        if rep:
+            for k, a, b in zip(times, t, t[1:]): times[k].append(b - a)
     return {k: statistics.median(v) for k, v in times.items()}
 
 # %% ../nbs/13_bench.ipynb

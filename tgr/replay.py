@@ -360,6 +360,12 @@ def _check_maml_args(model, tasks, inner_steps, inner_lr) -> list[tuple[Tensor, 
     dev = next(model.parameters()).device
     return [tuple(z.to(dev) for z in t) for t in tasks]
 
+def _trainable(model: nn.Module) -> Params:
+    "The parameters MAML adapts: the model's trainable ones (live tensors)."
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if not params: raise TGRError("the meta-model has no trainable parameters (all have requires_grad=False)")
+    return params
+
 # %% ../nbs/08_replay.ipynb
 def _resolve_vectorize(vectorize: bool | None, tasks: list, device: torch.device) -> bool:
     same = len({tuple(tuple(z.shape) for z in t) for t in tasks}) == 1
@@ -403,9 +409,7 @@ def maml_outputs(model: nn.Module, tasks: Sequence[TaskLike], inner_steps: int =
     "Adapt the meta-model to each task (Eq. 9 inner loop) and return the mean query loss (graph to the meta-parameters) and diagnostics."
     tasks = _check_maml_args(model, tasks, inner_steps, inner_lr)
     vec = _resolve_vectorize(vectorize, tasks, next(model.parameters()).device)
-    f = MetaForward(model)
-    params = f.params()
-    if not params: raise TGRError("the meta-model has no trainable parameters (all have requires_grad=False)")
+    f, params = MetaForward(model), _trainable(model)
     def one(p, xs, ys, xq, yq):
         logits = f(adapt(f, p, xs, ys, inner_steps, inner_lr, first_order), xq)
         return F.cross_entropy(logits, yq), (logits.argmax(1) == yq).float().mean()
@@ -433,8 +437,7 @@ def maml_backward(model: nn.Module, tasks: Sequence[TaskLike], inner_steps: int 
     if vec or tasks[0][0].device.type != "cpu":
         out = maml_outputs(model, tasks, inner_steps, inner_lr, first_order, vec); out.loss.backward()
         return replace(out, loss=out.loss.detach())
-    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    if not params: raise TGRError("the meta-model has no trainable parameters (all have requires_grad=False)")
+    params = _trainable(model)
     keys, ps = list(params), list(params.values())
     twins = _loop_twins(model, n_workers(len(tasks)))
     def one(k, task):                                          # on thread k, with its own copy of the model
