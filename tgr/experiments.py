@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .core import TGRError, config_hash, git_commit, save_json, to_jsonable
+from .core import TGRError, check_int, config_hash, git_commit, save_json, to_jsonable
 from .runs import data_checksums, resolve_config, run as run_config, score_rows, test_run
 from .pool import Pool, build_pool, designed_pool
 from .train import MetaTrainConfig, inversion_settings, meta_train, Stages
@@ -229,6 +229,11 @@ def _recorded(cfg: MetaTrainConfig, recs: dict) -> dict | None:
     if r.get("checksums") != data_checksums(cfg, build_pool(cfg.pool_config(), show_progress=False)): return None
     return {k: v for k, v in r.items() if k not in ("variant", "seed")}
 
+def _map_jobs(fn, jobs: list, workers: int) -> list:
+    "`fn` over `jobs` in order: in `workers` spawned processes (each job then sets one torch thread), or here when `workers` is 1."
+    if workers <= 1: return [fn(a) for a in jobs]
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex: return list(ex.map(fn, jobs))
+
 def _run_job(args):
     cfg, runs_dir, threads = args
     r = run_cached(cfg, runs_dir, quiet=True, threads=threads)
@@ -265,10 +270,7 @@ def run_experiment(name: str | Experiment, seeds: Sequence[int] = (0, 1, 2), wor
     done = _reused(jobs, runs_dir, results_dir) if reuse else {}
     todo = [i for i in range(len(jobs)) if i not in done]
     args = [(jobs[i][2], runs_dir, 1 if workers > 1 else None) for i in todo]
-    if workers > 1:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex: outs = list(ex.map(_run_job, args))
-    else: outs = [_run_job(a) for a in args]
-    done.update(zip(todo, outs))
+    done.update(zip(todo, _map_jobs(_run_job, args, workers)))
     runs = [{"variant": v, "seed": s, **done[i]} for i, (v, s, _) in enumerate(jobs)]
     summary = {"experiment": exp.name, "title": exp.title, "claim": exp.claim, "benchmark": jobs[0][2].benchmark,
                "base": exp.base, "overrides": exp.overrides, "extra": extra or {}, "variants": {v: exp.variants[v] for v in names},
@@ -409,7 +411,7 @@ def retest_path(name: str, n_test_tasks: int, results_dir=None) -> Path:
 def retest_experiment(name: str, n_test_tasks: int = 600, workers: int = 1, runs_dir=None, results_dir=None) -> dict:
     """Meta-test every run of the committed summary `results/<name>.json` again on `n_test_tasks` seeded test episodes
     (same meta-models, baselines and rule) and write the summary to `retest_path(name, n_test_tasks)`."""
-    if not isinstance(n_test_tasks, int) or n_test_tasks < 2: raise TGRError(f"n_test_tasks must be an integer >= 2, got {n_test_tasks!r}")
+    check_int("n_test_tasks", n_test_tasks, 2, "the paper tests on 600 episodes")
     rd, runs_dir = Path(results_dir or repo_root()/"results"), Path(runs_dir or repo_root()/"runs"/"experiments")
     src = load_summary(name, rd)
     lost = [r["run"] for r in src["runs"] if not (runs_dir/r["run"]/"checkpoint.pt").is_file()]
@@ -417,9 +419,7 @@ def retest_experiment(name: str, n_test_tasks: int = 600, workers: int = 1, runs
                             f"folders: give runs_dir=, or re-create them with run_experiment({name!r}, reuse=False)")
     # a run folder may hold a run with baselines that an experiment without them reused: score what the summary scored
     t0, args = time.perf_counter(), [(runs_dir/r["run"], n_test_tasks, set(r["methods"]) == {"tgr"}, 1 if workers > 1 else None) for r in src["runs"]]
-    if workers > 1:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex: outs = list(ex.map(_retest_job, args))
-    else: outs = [_retest_job(a) for a in args]
+    outs = _map_jobs(_retest_job, args, workers)
     runs = [{"variant": r["variant"], "seed": r["seed"], "run": r["run"], "trained_at": r.get("git_commit"), **o} for r, o in zip(src["runs"], outs)]
     keep = ("title", "claim", "benchmark", "base", "variants", "seeds", "better", "paper", "paper_benchmark")
     summary = {"experiment": name, **{k: src[k] for k in keep}, "retest_of": f"{name}.json", "n_test_tasks": n_test_tasks,
@@ -565,9 +565,7 @@ def accuracy_gain(seeds: Sequence[int] = (0, 1, 2), overlaps: Sequence[int] = ra
             key = config_hash({"config": to_jsonable(cfg), "members": [member_fingerprint(pool[i]) for i in idx]})
             jobs.append((cfg, [pool[i] for i in idx], [tasks[i] for i in idx], runs_dir/f"gain-{key}", 1 if workers > 1 else None))
             meta.append({**_member_record(seed, j, design), "run": f"gain-{key}"})
-    if workers > 1:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex: outs = list(ex.map(_gain_job, jobs))
-    else: outs = [_gain_job(a) for a in jobs]
+    outs = _map_jobs(_gain_job, jobs, workers)
     runs = [{**m, **o} for m, o in zip(meta, outs)]
     base_acc = {(r["seed"], s): r["methods"][s]["acc"] for r in runs if r["factor"] == "basic" for s in r["methods"]}
     for r in runs: r["gain"] = {s: round(r["methods"][s]["acc"] - base_acc[r["seed"], s], 2) for s in r["methods"]}
