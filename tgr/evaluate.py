@@ -17,7 +17,7 @@ from torch.func import vmap
 
 from .core import TGRError, check_int, check_number, get_device, progress, n_workers, side_by_side, seeded
 from .data import FewShotDataset, EpisodeSampler
-from .models import build_model
+from .models import Classifier, build_model
 from .pool import Pool, PoolMember
 from .replay import MetaForward, adapt, batch_stat_copy
 
@@ -127,9 +127,25 @@ def _in_place_learner(model: nn.Module) -> tuple[nn.Module, list[Tensor], list[T
     net = batch_stat_copy(model).requires_grad_(True).to(memory_format=torch.channels_last); ps = list(net.parameters())
     return net, ps, [p.detach().clone() for p in ps]
 
+def _zero_head_steps(net: nn.Module, ps: list[Tensor], xs: Tensor, ys: Tensor, steps: int, lr: float) -> int:
+    """The first two steps from a zero linear head with one encoder pass instead of two; returns how many steps it took
+    (0 if the head is not zero). Step 1 moves only the head (the encoder's gradient is the head's weight, 0, times the
+    loss gradient), so step 2 sees the same features and backpropagates through step 1's graph."""
+    head = getattr(net, "head", None)
+    if steps < 1 or not isinstance(net, Classifier) or not isinstance(head, nn.Linear) or head.weight.any(): return 0
+    hp = list(head.parameters())
+    with torch.enable_grad():
+        feats = net.features(xs)
+        g = torch.autograd.grad(F.cross_entropy(head(feats.detach()), ys), hp)
+        with torch.no_grad(): torch._foreach_add_(hp, g, alpha=-lr)
+        if steps == 1: return 1
+        g = torch.autograd.grad(F.cross_entropy(head(feats), ys), ps)
+    with torch.no_grad(): torch._foreach_add_(ps, g, alpha=-lr)
+    return 2
+
 def _sgd_in_place(net: nn.Module, ps: list[Tensor], xs: Tensor, ys: Tensor, steps: int, lr: float) -> None:
     "`steps` first-order SGD steps of size `lr` on the support cross-entropy, applied to `ps` (the parameters of `net`) in place."
-    for _ in range(steps):
+    for _ in range(steps - _zero_head_steps(net, ps, xs, ys, steps, lr)):
         with torch.enable_grad(): g = torch.autograd.grad(F.cross_entropy(net(xs), ys), ps)
         with torch.no_grad(): torch._foreach_add_(ps, g, alpha=-lr)
 
