@@ -59,9 +59,13 @@ def textbook_conv4(model: nn.Module) -> nn.Module:
     return net
 
 # %% ../nbs/13_bench.ipynb
+def _scored_conv4(device="cpu") -> nn.Module:
+    "The units' Conv4 as the package scores a model: seeded, with a zero 5-way head (`reset_head`)."
+    torch.manual_seed(0); return reset_head(build_model("conv4", 5, 32), 5).to(device)
+
 def episode_unit(shot: int, steps: int = 10, lr: float = 0.01, device="cpu") -> Callable[[], Tensor]:
     "One meta-test episode as the package scores a model: from a zero head, in-place first-order steps, then the query predictions."
-    torch.manual_seed(0); model = reset_head(build_model("conv4", 5, 32), 5).to(device)
+    model = _scored_conv4(device)
     xs, ys, xq, yq = (_channels_last(t) for t in _episode_data(shot, device=device))
     net, ps, init = _in_place_learner(model)
     def run():
@@ -73,7 +77,7 @@ def episode_unit(shot: int, steps: int = 10, lr: float = 0.01, device="cpu") -> 
 # %% ../nbs/13_bench.ipynb
 def plain_episode(shot: int, steps: int = 10, lr: float = 0.01, device="cpu") -> Callable[[], Tensor]:
     "The reference: a copy of an `nn.Module` (the same zero-head model) in train mode, `torch.autograd.grad`, and one in-place update per parameter."
-    torch.manual_seed(0); model = textbook_conv4(reset_head(build_model("conv4", 5, 32), 5)).to(device)
+    model = textbook_conv4(_scored_conv4(device))
     xs, ys, xq, yq = _episode_data(shot, device=device)
     def run():
         net = copy.deepcopy(model).train(); ps = list(net.parameters())
@@ -87,14 +91,14 @@ def plain_episode(shot: int, steps: int = 10, lr: float = 0.01, device="cpu") ->
 # %% ../nbs/13_bench.ipynb
 def meta_test_unit(shot: int, n_tasks: int = 16) -> Callable[[], object]:
     "`meta_test` itself on `n_tasks` episodes of a random 10-class dataset: with several torch threads, episodes run side by side."
-    torch.manual_seed(0); model = reset_head(build_model("conv4", 5, 32), 5)
+    model = _scored_conv4()
     ds = FewShotDataset(torch.arange(10).repeat_interleave(20), [str(c) for c in range(10)], ["random"] * 10,
                         images=torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
     return lambda: meta_test(model, ds, 5, shot, n_tasks=n_tasks, show_progress=False)
 
 def replay_unit(n_tasks: int = 4, steps: int = 5, device="cpu") -> Callable[[], None]:
     "One replay step: second-order MAML over `n_tasks` 5-way 1-shot tasks with 15 queries, forward and backward (`maml_backward`)."
-    torch.manual_seed(0); model = reset_head(build_model("conv4", 5, 32), 5).to(device)
+    torch.manual_seed(0); model = build_model("conv4", 5, 32).to(device)
     tasks = [_episode_data(1, seed=i, device=device) for i in range(n_tasks)]
     def run():
         model.zero_grad(set_to_none=True); maml_backward(model, tasks, steps, 0.01)

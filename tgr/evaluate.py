@@ -131,9 +131,8 @@ def _zero_head_steps(net: nn.Module, ps: list[Tensor], xs: Tensor, ys: Tensor, s
     """The first two steps from a zero linear head with one encoder pass instead of two; returns how many steps it took
     (0 if the head is not zero). Step 1 moves only the head (the encoder's gradient is the head's weight, 0, times the
     loss gradient), so step 2 sees the same features and backpropagates through step 1's graph."""
-    head = getattr(net, "head", None)
-    if steps < 1 or not isinstance(net, Classifier) or not isinstance(head, nn.Linear) or head.weight.any(): return 0
-    hp = list(head.parameters())
+    if steps < 1 or not isinstance(net, Classifier) or not isinstance(net.head, nn.Linear) or net.head.weight.any(): return 0
+    head = net.head; hp = list(head.parameters())
     with torch.enable_grad():
         feats = net.features(xs)
         g = torch.autograd.grad(F.cross_entropy(head(feats.detach()), ys), hp)
