@@ -22,10 +22,10 @@ from .data import FewShotDataset
 from .evaluate import _in_place_learner, _sgd_in_place, _channels_last, meta_test, reset_head
 from .igr import igr_step
 from .train import kd_loss
-from .inversion import BNStatHooks, generator_forward
+from .inversion import BNStatHooks, generator_forward, _check_precision
 
 # %% auto 0
-__all__ = ['GEN_30', 'GEN_30_REF', 'time_unit', 'count_flops', 'textbook_conv4', 'episode_unit', 'plain_episode',
+__all__ = ['GEN_30', 'GEN_30_REF', 'GEN_30_BF16', 'time_unit', 'count_flops', 'textbook_conv4', 'episode_unit', 'plain_episode',
            'meta_test_unit', 'replay_unit', 'alignment_unit', 'generator_unit', 'generator_stages', 'reference_units',
            'bench', 'format_bench']
 
@@ -133,12 +133,16 @@ def _generator_setup(per_class: int, authors: bool, device):
     opt, hooks = torch.optim.Adam([*G.parameters(), z], lr=1e-3), (_ChannelMajorHooks if authors else BNStatHooks)(teacher)
     return teacher, (lambda: G(z)) if authors else (lambda: generator_forward(G, z)), y, opt, hooks
 
-def generator_unit(per_class: int = 6, authors: bool = False, device="cpu") -> Callable[[], None]:
+def generator_unit(per_class: int = 6, authors: bool = False, device="cpu", precision: str = "fp32") -> Callable[[], None]:
     """One Adam step of task recovery, 5 classes x `per_class` images, Table 7 generator, Conv4 teacher with BN hooks: the package's
-    (`generator_forward`, `BNStatHooks`), or with `authors` the reference formulation (upsample-then-conv, textbook teacher)."""
+    (`generator_forward`, `BNStatHooks`), or with `authors` the reference formulation (upsample-then-conv, textbook teacher).
+    `precision='bf16'`: both forward passes under bf16 autocast, as `recover_task` runs them with `precision='bf16'`."""
     teacher, generate, y, opt, hooks = _generator_setup(per_class, authors, device)
+    low = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=_check_precision(precision) == "bf16")
     def run():
-        with hooks: loss = F.cross_entropy(teacher(generate()), y) + hooks.pop()
+        with hooks:
+            with low: logits = teacher(generate().float())
+            loss = F.cross_entropy(logits.float(), y) + hooks.pop()
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
     return run
 
@@ -185,6 +189,7 @@ def _one_worker():
 
 # %% ../nbs/13_bench.ipynb
 GEN_30, GEN_30_REF = "generator step, 30 images (tgr)", "generator step, 30 images (reference formulation)"
+GEN_30_BF16 = "generator step, 30 images (tgr, precision='bf16')"
 
 def bench(threads: int | None = None, reps: int = 7, out: str | Path | None = None) -> dict:
     "Time and count every unit; return the record and write it to `out` (if given) as JSON."
@@ -193,8 +198,9 @@ def bench(threads: int | None = None, reps: int = 7, out: str | Path | None = No
              "meta-test episode 5w5s (tgr)": episode_unit(5), "meta-test episode 5w5s (plain PyTorch)": plain_episode(5),
              "meta_test, 16 episodes 5w1s (episodes side by side)": meta_test_unit(1), "meta_test, 16 episodes 5w5s": meta_test_unit(5),
              "replay, 4 tasks 5w1s (second order, 5 steps)": replay_unit(), "alignment step (IGR, m = 4, 50 images each)": alignment_unit(),
-             GEN_30: generator_unit(6), GEN_30_REF: generator_unit(6, authors=True),
-             "generator step, 150 images (tgr, the paper's 30 per class)": generator_unit(30), **reference_units()}
+             GEN_30: generator_unit(6), GEN_30_REF: generator_unit(6, authors=True), GEN_30_BF16: generator_unit(6, precision="bf16"),
+             "generator step, 150 images (tgr, the paper's 30 per class)": generator_unit(30),
+             "generator step, 150 images (tgr, precision='bf16')": generator_unit(30, precision="bf16"), **reference_units()}
     # FlopCounterMode sees the calling thread only, and meta_test and replay run their work in worker threads: count it here
     counted = {name: (lambda u=episode_unit(s): [u() for _ in range(16)]) for name, s in
                (("meta_test, 16 episodes 5w1s (episodes side by side)", 1), ("meta_test, 16 episodes 5w5s", 5))}
@@ -225,7 +231,8 @@ def format_bench(rec: dict) -> str:
                      f"({ours['min_s'] / plain['min_s']:.2f} on the fastest repetitions), "
                      f"{u[next(k for k in u if k.startswith(f'meta_test, 16 episodes {s}'))]['median_s'] / 16 / b:.2f} per episode in `meta_test`")
     if GEN_30 in u and GEN_30_REF in u:
-        lines.append(f"generator step: tgr takes {u[GEN_30]['median_s'] / u[GEN_30_REF]['median_s']:.2f} of the reference formulation's time")
+        lines.append(f"generator step: tgr takes {u[GEN_30]['median_s'] / u[GEN_30_REF]['median_s']:.2f} of the reference formulation's time"
+                     + (f", {u[GEN_30_BF16]['median_s'] / u[GEN_30_REF]['median_s']:.2f} with precision='bf16'" if GEN_30_BF16 in u else ""))
     for who, st in rec.get("generator_stages_s", {}).items():
         lines.append(f"generator step stages, 30 images, {who}: " + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in st.items()))
     return "\n".join(lines)

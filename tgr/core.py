@@ -16,10 +16,10 @@ from tqdm.auto import tqdm
 
 # %% auto 0
 __all__ = ['TGRError', 'ArtifactError', 'check_int', 'check_number', 'seed_everything', 'rng_state', 'set_rng_state',
-           'make_generator', 'make_rng', 'get_device', 'n_workers', 'side_by_side', 'seeded', 'to_jsonable',
-           'config_hash', 'save_artifact', 'load_artifact', 'is_valid_artifact', 'save_json', 'load_json',
-           'prepare_run_dir', 'append_jsonl', 'read_jsonl', 'cache_dir', 'git_commit', 'peak_memory_mb', 'Timer',
-           'progress']
+           'make_generator', 'make_rng', 'get_device', 'n_workers', 'side_by_side', 'seeded', 'later_field',
+           'to_jsonable', 'config_hash', 'save_artifact', 'load_artifact', 'is_valid_artifact', 'save_json',
+           'load_json', 'prepare_run_dir', 'append_jsonl', 'read_jsonl', 'cache_dir', 'git_commit', 'peak_memory_mb',
+           'Timer', 'progress']
 
 # %% ../nbs/00_core.ipynb
 class TGRError(ValueError):
@@ -120,10 +120,16 @@ def seeded(seed: int):
         torch.manual_seed(int(seed)); yield
 
 # %% ../nbs/00_core.ipynb
+def later_field(default: Any) -> Any:
+    "A dataclass field added after runs were recorded: left out of `to_jsonable` (so of keys and records) while at `default`."
+    return dataclasses.field(default=default, metadata={"omit_default": True})
+
+def _kept(obj, f) -> bool: return not (f.metadata.get("omit_default") and getattr(obj, f.name) == f.default)
+
 def to_jsonable(obj: Any) -> Any:
-    "Dataclasses, paths, tuples, NumPy and torch scalars -> plain JSON types."
+    "Dataclasses (less `later_field`s at their default), paths, tuples, NumPy and torch scalars -> plain JSON types."
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj) if _kept(obj, f)}
     if isinstance(obj, dict): return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)): return [to_jsonable(v) for v in obj]
     if isinstance(obj, Path): return str(obj)

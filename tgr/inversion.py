@@ -16,15 +16,15 @@ from torch import nn, Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .core import (TGRError, check_int, check_number, config_hash, make_generator, save_artifact, load_artifact, is_valid_artifact,
-                      seeded, side_by_side, get_device, progress, cache_dir)
+                      seeded, side_by_side, get_device, progress, cache_dir, later_field)
 from .models import Generator
 
 # %% auto 0
-__all__ = ['AUGMENTATIONS', 'INVERSION_PRESETS', 'eval_frozen', 'bn_layers', 'BNStatHooks', 'upsample_conv_as_transpose',
-           'generator_forward', 'random_augment', 'default_augment', 'InversionTrace', 'inversion_loop',
-           'RecoveredTask', 'InversionConfig', 'inversion_config', 'recover_task', 'member_fingerprint',
-           'pool_fingerprint', 'task_key', 'recover_member', 'recover_members', 'recover_pool_tasks',
-           'benchmark_recovery']
+__all__ = ['AUGMENTATIONS', 'PRECISIONS', 'INVERSION_PRESETS', 'eval_frozen', 'bn_layers', 'BNStatHooks',
+           'upsample_conv_as_transpose', 'generator_forward', 'random_augment', 'default_augment', 'InversionTrace',
+           'inversion_loop', 'RecoveredTask', 'InversionConfig', 'inversion_config', 'recover_task',
+           'member_fingerprint', 'pool_fingerprint', 'task_key', 'recover_member', 'recover_members',
+           'recover_pool_tasks', 'benchmark_recovery']
 
 # %% ../nbs/04_inversion.ipynb
 @contextmanager
@@ -50,7 +50,7 @@ class BNStatHooks:
     def __init__(self, model: nn.Module):
         self.layers, self.terms, self.handles = bn_layers(model), [], []
     def _hook(self, mod, inp, out):
-        x = inp[0]
+        x = inp[0].float()                                   # statistics in fp32 also when the pass runs in bf16
         dims = [0] + list(range(2, x.dim()))                 # every dimension but the channels
         mean = x.mean(dims, keepdim=True)
         var = (x - mean).square().mean(dims)                 # biased, two passes: several times faster than Tensor.var here
@@ -133,17 +133,26 @@ class InversionTrace:
     x: Tensor | None = None
 
 # %% ../nbs/04_inversion.ipynb
+PRECISIONS = ("fp32", "bf16")
+
+def _check_precision(precision) -> str:
+    if precision not in PRECISIONS:
+        raise TGRError(f"precision must be one of {PRECISIONS} ('bf16': the forward passes of recovery under bf16 autocast), got {precision!r}")
+    return precision
+
 def inversion_loop(G: nn.Module, z: Tensor, loss_fn: Callable, steps: int, opt: torch.optim.Optimizer, *, augment: str = "none",
                    g_aug: torch.Generator | None = None, fused: bool = True, then: Callable | None = None,
                    then_grad: bool = True, what: str = "the inversion loss", fix: str = "lower the learning rate",
-                   show_progress: bool = False) -> InversionTrace:
-    "`steps` optimiser steps on generator `G` and codes `z` against `loss_fn(x_aug, step) -> (total, {term: float})`."
-    tr = InversionTrace()
+                   show_progress: bool = False, precision: str = "fp32") -> InversionTrace:
+    """`steps` optimiser steps on generator `G` and codes `z` against `loss_fn(x_aug, step) -> (total, {term: float})`;
+    `precision='bf16'` runs the forward passes under bf16 autocast (the kept images are fp32)."""
+    tr, low = InversionTrace(), torch.autocast(z.device.type, torch.bfloat16, enabled=_check_precision(precision) == "bf16")
     for step in progress(range(steps + (then is not None)), desc="recover", disable=not show_progress):
         ts, last = time.perf_counter(), step == steps
         with torch.set_grad_enabled(not last or then_grad):
-            x = generator_forward(G, z, fused)
-            total, terms = loss_fn(random_augment(x, augment, g_aug), step)
+            with low: x = generator_forward(G, z, fused).float()
+            xa = random_augment(x, augment, g_aug)                       # the sampling grid in fp32
+            with low: total, terms = loss_fn(xa, step)
         if not math.isfinite(terms["total"]): raise TGRError(f"{what} became {terms['total']} at step {step}; {fix}")
         for k, v in terms.items(): tr.losses.setdefault(k, []).append(v)
         if terms["total"] < tr.best: tr.best, tr.best_x, tr.best_step = terms["total"], x.detach(), step
@@ -188,6 +197,7 @@ class InversionConfig:
     bn_weight: float = 1.0
     seed: int = 0
     augment: str = "none"           # what the teacher sees at each step: 'none' (the paper's text), 'affine', 'affine+flip'
+    precision: str = later_field("fp32")   # 'bf16': generator and teacher passes under bf16 autocast (statistics, losses, Adam in fp32)
 
 # %% ../nbs/04_inversion.ipynb
 INVERSION_PRESETS: dict[str, InversionConfig] = {
@@ -217,7 +227,7 @@ def _check_recovery(teacher, n_classes: int, cfg: InversionConfig, img_size: int
     for k, v in dict(n_classes=n_classes, per_class=cfg.per_class, steps=cfg.steps, img_size=img_size, in_ch=in_ch).items(): check_int(k, v)
     if not isinstance(teacher, nn.Module): raise TGRError(f"teacher must be a torch nn.Module, got {type(teacher).__name__}")
     if not (cfg.use_ce or cfg.use_bn): raise TGRError("use_ce and use_bn are both False: keep at least one loss term of Eq. 2")
-    check_number("lr", cfg.lr, strict=True)
+    check_number("lr", cfg.lr, strict=True); _check_precision(cfg.precision)
     if cfg.augment not in AUGMENTATIONS: raise TGRError(f"unknown augmentation {cfg.augment!r}; choose one of {AUGMENTATIONS}")
     if generator is not None:
         if not isinstance(generator, nn.Module):
@@ -259,7 +269,7 @@ def recover_task(teacher: nn.Module, n_classes: int, cfg: InversionConfig | str 
     t0 = time.perf_counter()
     with eval_frozen(teacher), BNStatHooks(teacher) as hooks:
         def loss_fn(x, step):
-            logits = teacher(x)
+            logits = teacher(x).float()
             if step == 0 and (logits.dim() != 2 or logits.shape[1] < n_classes):
                 raise TGRError(f"the teacher returns logits of shape {tuple(logits.shape)}, which cannot index "
                                f"n_classes={n_classes} labels; pass n_classes <= its number of outputs")
@@ -268,11 +278,12 @@ def recover_task(teacher: nn.Module, n_classes: int, cfg: InversionConfig | str 
             total = l_ce + cfg.bn_weight * l_bn
             return total, {"total": total.item(), "ce": l_ce.item(), "bn": l_bn.item()}
         tr = inversion_loop(G, z, loss_fn, cfg.steps, torch.optim.Adam([*G.parameters(), z], lr=cfg.lr), augment=cfg.augment,
-                            g_aug=make_generator(cfg.seed, key, 13), fused=fused, show_progress=show_progress,
+                            g_aug=make_generator(cfg.seed, key, 13), fused=fused, show_progress=show_progress, precision=cfg.precision,
                             fix=f"lower lr (now {cfg.lr}) or bn_weight (now {cfg.bn_weight})")
     made = dict(n_classes=n_classes, per_class=cfg.per_class, steps=cfg.steps, img_size=img_size, in_ch=in_ch, lr=cfg.lr, z_dim=z_dim,
                 ngf=ngf, use_ce=cfg.use_ce, use_bn=use_bn, bn_weight=cfg.bn_weight, seed=cfg.seed, fused=fused,
-                bn_layers=len(bn_layers(teacher)), start="fresh" if generator is None else "given generator", augment=cfg.augment)
+                bn_layers=len(bn_layers(teacher)), start="fresh" if generator is None else "given generator", augment=cfg.augment,
+                precision=cfg.precision)
     return RecoveredTask(tr.best_x.contiguous().cpu(), y.cpu(), member_index, None if classes is None else [int(c) for c in classes],
                          tr.losses, tr.best_step, time.perf_counter() - t0, tr.step_seconds, made)
 

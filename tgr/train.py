@@ -19,13 +19,13 @@ import torch.nn.functional as F
 
 from .core import (TGRError, check_int, check_number, ArtifactError, Timer, append_jsonl, get_device, git_commit, load_artifact, load_json,
                       make_generator, make_rng, peak_memory_mb, prepare_run_dir, progress, rng_state,
-                      save_artifact, save_json, seed_everything, set_rng_state)
+                      save_artifact, save_json, seed_everything, set_rng_state, later_field)
 from .data import load_benchmark, FewShotDataset
 from .models import build_model, MODELS
 from .pool import PoolConfig, build_pool, Pool
 from .igr import igr_step, erm_step, GradStats
 from .bell import bell_step
-from .inversion import (AUGMENTATIONS, InversionConfig, RecoveredTask, default_augment, random_augment, recover_members,
+from .inversion import (AUGMENTATIONS, PRECISIONS, InversionConfig, RecoveredTask, default_augment, random_augment, recover_members,
                            recover_pool_tasks)
 from .five import MetaGenerator, five_recover
 from .grouping import task_groups, METHODS as _GROUP_METHODS
@@ -64,6 +64,7 @@ class MetaTrainConfig:
     inv_bn: bool = True
     augment: str = "auto"           # random affine (+flip) at every generator step and on the KD images; 'auto': per benchmark
                                     # (tgr.inversion.default_augment), 'none': off (the paper's text; its code augments)
+    inv_precision: str = later_field("fp32")   # 'bf16': recovery's forward passes under bf16 autocast (per-task generator; notebook 04)
     reinvert_every: int = 1         # 1: a fresh inversion for every sampled teacher (the paper); k: every k-th epoch; 0: never
     recovery: str = "generator"     # 'generator': a per-task generator (TGR, notebook 04); 'meta-generator': FIVE (FREE, 04a);
                                     # 'real': real train images of the teacher's classes (a diagnostic oracle, not data-free)
@@ -84,7 +85,8 @@ class MetaTrainConfig:
     bell_inner_lr: float = 0.001    # BELL's inner step (FREE's value)
     meta_lr: float = 0.001
     soft_labels: bool = True        # KL to the teacher's predictions (Eq. 8, first term)
-    hard_labels: bool = True        # cross-entropy with the task labels (Eq. 8, second term)
+    hard_labels: bool = True        # cross-entropy with the task labels (Eq. 8, second term); both terms off (replay on):
+                                    # no Eq. 8 step, the recovered tasks train by replay's MAML alone (App. D's Eq. 9)
     kd_temperature: float = 1.0
     # cross-task replay (notebook 08, Eq. 9)
     replay: bool = True
@@ -129,7 +131,7 @@ def check(self: MetaTrainConfig) -> "MetaTrainConfig":
     if self.meta_arch not in MODELS: raise TGRError(f"meta_arch {self.meta_arch!r} unknown; choose from {sorted(MODELS)}")
     for k, allowed in (("alignment", ALIGNMENTS), ("grouping", GROUPINGS), ("recovery", RECOVERIES), ("group_method", GROUP_METHODS),
                        ("test_head", TEST_HEADS), ("replay_source", REPLAY_SOURCES),
-                       ("augment", ("auto",) + AUGMENTATIONS)):
+                       ("augment", ("auto",) + AUGMENTATIONS), ("inv_precision", PRECISIONS)):
         if getattr(self, k) not in allowed: raise TGRError(f"{k} must be one of {sorted(allowed)}, got {getattr(self, k)!r}")
     for k in ("epochs", "m", "inv_steps", "inv_per_class", "inv_ngf", "five_k", "bank_size", "replay_batch", "replay_updates", "replay_shot", "replay_query",
               "inner_steps", "n_val_tasks", "n_test_tasks", "eval_every", "ckpt_every", "query"):
@@ -137,7 +139,12 @@ def check(self: MetaTrainConfig) -> "MetaTrainConfig":
     if self.reinvert_every < 0: raise TGRError("reinvert_every must be >= 0 (0: never re-invert)")
     if self.n_groups != "auto" and (isinstance(self.n_groups, (bool, str)) or int(self.n_groups) < 1):
         raise TGRError(f"n_groups must be a positive integer or 'auto' (Calinski-Harabasz), got {self.n_groups!r}")
-    if not (self.soft_labels or self.hard_labels): raise TGRError("soft_labels and hard_labels are both off: Eq. 8 would be empty")
+    if not (self.soft_labels or self.hard_labels or self.replay):
+        raise TGRError("soft_labels, hard_labels and replay are all off: nothing would train the meta-model; turn on a label term "
+                       "(Eq. 8), or replay (both label terms off with replay on trains by MAML on the recovered tasks alone)")
+    if self.inv_precision != "fp32" and self.recovery != "generator":
+        raise TGRError(f"inv_precision={self.inv_precision!r} applies to the per-task generator (recovery='generator'); "
+                       f"recovery={self.recovery!r} runs in fp32: set inv_precision='fp32'")
     if not (self.inv_ce or self.inv_bn): raise TGRError("inv_ce and inv_bn are both off: inversion would have no loss")
     if self.replay and self.replay_shot + self.replay_query > self.inv_per_class:
         raise TGRError(f"replay needs replay_shot + replay_query = {self.replay_shot + self.replay_query} images per class, "
@@ -188,7 +195,7 @@ def augment_mode(cfg: MetaTrainConfig) -> str:
 # %% ../nbs/09_train.ipynb
 def inversion_settings(cfg: MetaTrainConfig) -> InversionConfig:
     return InversionConfig(per_class=cfg.inv_per_class, steps=cfg.inv_steps, lr=cfg.inv_lr, ngf=cfg.inv_ngf, use_ce=cfg.inv_ce,
-                           use_bn=cfg.inv_bn, seed=cfg.seed, augment=augment_mode(cfg))
+                           use_bn=cfg.inv_bn, seed=cfg.seed, augment=augment_mode(cfg), precision=cfg.inv_precision)
 
 # %% ../nbs/09_train.ipynb
 def real_task(member, train: FewShotDataset, per_class: int, seed: int) -> RecoveredTask:
@@ -443,7 +450,8 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, resume: bool = False, over
         g, members = draw_teachers(run, state)
         with timer("recover"): tasks, fresh = recover_tasks(run, state, members, epoch)
         rec = {"epoch": epoch, "group": g, "members": [run.stages.pool[i].index for i in members], "fresh_tasks": fresh}
-        with timer("align"): rec.update(align_tasks(run, state, members, tasks, epoch))
+        if cfg.soft_labels or cfg.hard_labels:     # Eq. 8 off: replay alone trains (App. D of the TGR paper)
+            with timer("align"): rec.update(align_tasks(run, state, members, tasks, epoch))
         if cfg.replay:
             with timer("replay"): rec.update(replay_tasks(run, state, members, tasks, epoch))
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
