@@ -12,19 +12,24 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn, Tensor
 
 from .core import TGRError, check_int, config_hash, git_commit, save_json, to_jsonable
 from .runs import data_checksums, resolve_config, run as run_config, score_rows, test_run
 from .pool import Pool, build_pool, designed_pool
-from .train import MetaTrainConfig, inversion_settings, meta_train, Stages
-from .inversion import recover_pool_tasks, member_fingerprint, pool_fingerprint
+from .train import MetaTrainConfig, inversion_settings, meta_train, Stages, load_meta_model, kd_loss, augment_mode
+from .inversion import recover_pool_tasks, member_fingerprint, pool_fingerprint, random_augment
+from .igr import erm_step
+from .bell import bell_step
 from .fim import embed_pool, dissimilarity
 
 # %% auto 0
 __all__ = ['EXPERIMENTS', 'Experiment', 'experiment_config', 'repo_root', 'run_cached', 'recorded_runs', 'run_experiment',
            'summarize_runs', 'format_summary', 'load_summary', 'verdict', 'results_overview', 'verdict_table',
            'retest_path', 'retest_experiment', 'gradient_curves', 'summary_text', 'save_gradient_curves',
-           'class_cover_rate', 'save_cover_rates', 'gain_design', 'accuracy_gain', 'format_gain',
+           'class_cover_rate', 'save_cover_rates', 'bell_deviation', 'gain_design', 'accuracy_gain', 'format_gain',
            'design_dissimilarity', 'format_dissimilarity']
 
 # %% ../nbs/11_experiments.ipynb
@@ -493,6 +498,48 @@ def save_cover_rates(summary: dict, results_dir=None) -> dict:
                                  for s in summary["seeds"]} for v in summary["variants"]}
     save_json(summary, Path(results_dir or repo_root()/"results")/f"{summary['experiment']}.json")
     return summary
+
+# %% ../nbs/11_experiments.ipynb
+def _align_batch(cfg: MetaTrainConfig, pool, tasks: list, members: list[int], seed: int) -> list:
+    "The m tasks of one alignment step as `align_tasks` builds them: augmented images, labels, the teacher's logits."
+    g, out = torch.Generator().manual_seed(seed), []
+    for i in members:
+        x = random_augment(tasks[i].x, augment_mode(cfg), g)
+        with torch.no_grad(): out.append((x, tasks[i].y, pool[i].model()(x)))
+    return out
+
+def _step_gradient(model: nn.Module, state: dict, step) -> Tensor:
+    "The flat gradient that one alignment `step(model)` leaves in `.grad`, taken from the weights `state`."
+    model.load_state_dict(state); model.train(); model.zero_grad(set_to_none=True); step(model)
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+# %% ../nbs/11_experiments.ipynb
+def bell_deviation(summary: dict, variant: str = "baseline", steps: Sequence[float] = (1e-7, 1e-3, 1e-2), reps: int = 5,
+                   runs_dir=None, results_dir=None, write: bool = True) -> dict:
+    """BELL's pseudo-gradient against the ERM gradient on each selected meta-model of `variant` (FREE Table 5's plausible
+    reason): relative distance ||g - g_ERM|| / ||g_ERM|| and cosine, per inner step, next to the same for the ERM gradient
+    of another augmentation draw and of other tasks. Writes `results/free_bell_gradient.json`."""
+    runs_dir = Path(runs_dir or repo_root()/"runs"/"experiments"); rows = []
+    for r in (r for r in summary["runs"] if r["variant"] == variant):
+        model, info = load_meta_model(runs_dir/r["run"]); cfg = info["config"]
+        pool = build_pool(cfg.pool_config(), show_progress=False)
+        tasks = recover_pool_tasks(pool, inversion_settings(cfg), show_progress=False)
+        loss, gm, state = kd_loss(cfg.soft_labels, cfg.hard_labels, cfg.kd_temperature), torch.Generator().manual_seed(cfg.seed), model.state_dict()
+        for rep in range(reps):
+            members, other = (torch.randperm(len(pool), generator=gm)[:cfg.m].tolist() for _ in range(2))
+            b = _align_batch(cfg, pool, tasks, members, rep)
+            erm = _step_gradient(model, state, lambda m: erm_step(m, b, loss))
+            alts = {"ERM, another augmentation": lambda m: erm_step(m, _align_batch(cfg, pool, tasks, members, 1000 + rep), loss),
+                    "ERM, other tasks": lambda m: erm_step(m, _align_batch(cfg, pool, tasks, other, rep), loss),
+                    **{f"BELL, step {s:g}": (lambda m, s=s: bell_step(m, b, loss, inner_lr=s)) for s in steps}}
+            for name, fn in alts.items():
+                g = _step_gradient(model, state, fn)
+                rows.append({"seed": r["seed"], "epoch": info["epoch"], "rep": rep, "against ERM": name,
+                             "rel_distance": float((g - erm).norm() / erm.norm()), "cosine": float(F.cosine_similarity(g, erm, 0))})
+    out = {"experiment": "free_bell_gradient", "source": summary["experiment"], "variant": variant, "steps": list(steps),
+           "reps": reps, "git_commit": git_commit(), "rows": rows}
+    if write: save_json(out, Path(results_dir or repo_root()/"results")/"free_bell_gradient.json")
+    return out
 
 # %% ../nbs/11_experiments.ipynb
 def _gain_setup(seeds: Sequence[int], n_aux: int, base: str, extra: dict | None):
