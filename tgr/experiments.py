@@ -128,8 +128,11 @@ _DIAGNOSTICS = [   # ours: the ladder, replay on / off, and the pool size of Fig
                better=(("+ within-task replay", "before"), ("+ augmentation", "+ within-task replay"),
                        ("+ 2 replay updates", "+ augmentation"), ("+ 2 replay updates", "finetune"))),
     Experiment("recovery_precision", "TGR with task recovery in bf16 (ours): the generator's and teacher's forward passes under bf16 autocast",
-               {"tgr": {}, "tgr, bf16 recovery": {"inv_precision": "bf16"}},
-               claim="(ours) recovering the tasks in bf16 keeps TGR's accuracy", better=(("tgr, bf16 recovery", "tgr"),), timed=True),
+               {"tgr": {}, "tgr, bf16 recovery": {"inv_precision": "bf16"},
+                "vanilla": {"grouping": "none", "alignment": "erm"},
+                "vanilla, bf16 recovery": {"grouping": "none", "alignment": "erm", "inv_precision": "bf16"}},
+               claim="(ours) recovering the tasks in bf16 keeps the meta-model's accuracy (vanilla: no grouping, whose groups "
+                     "follow the tasks)", better=(("tgr, bf16 recovery", "tgr"), ("vanilla, bf16 recovery", "vanilla")), timed=True),
     Experiment("replay_off", "Replay on against replay off (the quick preset; zero-head validation and test)",
                {"replay on": {}, "replay off": {"replay": False}},
                claim="(ours) cross-task replay, now within one stored task, raises accuracy over no replay",
