@@ -66,7 +66,9 @@ def units_on_cuda() -> dict:
              "replay, 4 tasks 5w1s (second order, 5 steps; vmap on CUDA)": replay_unit(device=DEV),
              "generator step, 30 images (tgr)": generator_unit(6, device=DEV),
              "generator step, 30 images (reference formulation)": generator_unit(6, authors=True, device=DEV),
-             "generator step, 150 images (tgr, the paper's 30 per class)": generator_unit(30, device=DEV)}
+             "generator step, 30 images (tgr, precision='bf16')": generator_unit(6, device=DEV, precision="bf16"),
+             "generator step, 150 images (tgr, the paper's 30 per class)": generator_unit(30, device=DEV),
+             "generator step, 150 images (tgr, precision='bf16')": generator_unit(30, device=DEV, precision="bf16")}
     for name, fn in units.items():
         t = time_unit(lambda: (fn(), sync()), reps=10); fl = count_flops(fn)   # synchronised: the device's time
         rows[name] = {**t, "gflop": fl / 1e9, "gflop_per_s": fl / 1e9 / t["median_s"]}
