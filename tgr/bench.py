@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from .core import TGRError, check_int, git_commit, save_json
+from .core import TGRError, check_int, git_commit, save_json, malloc_tuned
 from .models import build_model, Generator
 from .replay import maml_backward
 from .data import FewShotDataset
@@ -211,14 +211,15 @@ def bench(threads: int | None = None, reps: int = 7, out: str | Path | None = No
         rows[name] = {**t, "gflop": fl / 1e9, "gflop_per_s": fl / 1e9 / t["median_s"]}
     stages = {"tgr": generator_stages(6, reps), "reference formulation": generator_stages(6, reps, authors=True)}
     rec = {"machine": _machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "device": "cpu", "commit": git_commit(), "units": rows, "generator_stages_s": stages}
+           "device": "cpu", "commit": git_commit(), "malloc_tuned": malloc_tuned(), "units": rows, "generator_stages_s": stages}
     if out is not None: save_json(rec, out)
     return rec
 
 # %% ../nbs/13_bench.ipynb
 def format_bench(rec: dict) -> str:
     "The record of `bench` as a table."
-    lines = [f"{rec['machine']}, {rec['threads']} torch thread(s), torch {rec['torch']}, commit {str(rec['commit'])[:12]}",
+    lines = [f"{rec['machine']}, {rec['threads']} torch thread(s), torch {rec['torch']}, commit {str(rec['commit'])[:12]}"
+             + {True: ", tune_malloc on", False: ", malloc untuned"}.get(rec.get("malloc_tuned"), ""),
              f"{'unit':66s} {'median':>10s} {'min':>10s} {'GFLOP':>8s} {'GFLOP/s':>8s}"]
     for name, r in rec["units"].items():
         fl = "" if r["gflop"] is None else f"{r['gflop']:8.3f}"; rate = "" if r["gflop_per_s"] is None else f"{r['gflop_per_s']:8.1f}"

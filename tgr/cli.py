@@ -9,7 +9,7 @@ import sys
 import argparse
 
 from . import __version__
-from .core import TGRError
+from .core import TGRError, tune_malloc
 from .data import split_folder
 from .runs import PRESETS, METHODS, PRESET_HELP, TEST_FIELDS, resolve_config, describe_presets, run, test_run
 
@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 # %% ../nbs/12_cli.ipynb
 def main(argv: list[str] | None = None):
     "Entry point of the `tgr` console script (argv: the arguments, default sys.argv[1:])."
-    p = _parser()
+    p = _parser(); tune_malloc()                          # a process of its own: reuse large buffers (notebook 00)
     a, overrides = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         if a.command is None: p.print_help(); sys.exit(2)

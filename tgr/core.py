@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb 3
 from __future__ import annotations
-import dataclasses, hashlib, io, json, os, random, resource, subprocess, sys, tempfile, threading, time
+import ctypes, ctypes.util, dataclasses, hashlib, io, json, os, random, resource, subprocess, sys, tempfile, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,10 +16,10 @@ from tqdm.auto import tqdm
 
 # %% auto 0
 __all__ = ['TGRError', 'ArtifactError', 'check_int', 'check_number', 'seed_everything', 'rng_state', 'set_rng_state',
-           'make_generator', 'make_rng', 'get_device', 'n_workers', 'side_by_side', 'seeded', 'later_field',
-           'to_jsonable', 'config_hash', 'save_artifact', 'load_artifact', 'is_valid_artifact', 'save_json',
-           'load_json', 'prepare_run_dir', 'append_jsonl', 'read_jsonl', 'cache_dir', 'git_commit', 'peak_memory_mb',
-           'Timer', 'progress']
+           'make_generator', 'make_rng', 'get_device', 'n_workers', 'side_by_side', 'seeded', 'tune_malloc',
+           'malloc_tuned', 'later_field', 'to_jsonable', 'config_hash', 'save_artifact', 'load_artifact',
+           'is_valid_artifact', 'save_json', 'load_json', 'prepare_run_dir', 'append_jsonl', 'read_jsonl', 'cache_dir',
+           'git_commit', 'peak_memory_mb', 'Timer', 'progress']
 
 # %% ../nbs/00_core.ipynb
 class TGRError(ValueError):
@@ -118,6 +118,22 @@ def seeded(seed: int):
     "Run the block with torch's global CPU generator seeded to `seed`, restored after, one thread at a time (for building modules)."
     with _SEEDED, torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed)); yield
+
+# %% ../nbs/00_core.ipynb
+_MALLOC = {"tuned": False}
+
+def tune_malloc(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 20) -> bool:
+    """Keep freed buffers below `mmap_threshold` bytes in glibc's heap, and up to `trim_threshold` bytes of free heap, so repeated
+    large tensors are reused instead of mapped and faulted in at every step. Process-wide; True if applied."""
+    try: mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError): return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    _MALLOC["tuned"] = bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))
+    return _MALLOC["tuned"]
+
+def malloc_tuned() -> bool:
+    "Whether `tune_malloc` took effect in this process."
+    return _MALLOC["tuned"]
 
 # %% ../nbs/00_core.ipynb
 def later_field(default: Any) -> Any:

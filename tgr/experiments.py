@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 
-from .core import TGRError, check_int, config_hash, git_commit, save_json, to_jsonable
+from .core import TGRError, check_int, config_hash, git_commit, save_json, to_jsonable, tune_malloc
 from .runs import data_checksums, resolve_config, run as run_config, score_rows, test_run
 from .pool import Pool, build_pool, designed_pool
 from .train import MetaTrainConfig, inversion_settings, meta_train, Stages, load_meta_model, kd_loss, augment_mode
@@ -258,9 +258,10 @@ def _recorded(cfg: MetaTrainConfig, recs: dict) -> dict | None:
     return {k: v for k, v in r.items() if k not in ("variant", "seed")}
 
 def _map_jobs(fn, jobs: list, workers: int) -> list:
-    "`fn` over `jobs` in order: in `workers` spawned processes (each job then sets one torch thread), or here when `workers` is 1."
+    """`fn` over `jobs` in order: in `workers` spawned processes (each job then sets one torch thread; each process reuses
+    large buffers, `tune_malloc`), or here when `workers` is 1."""
     if workers <= 1: return [fn(a) for a in jobs]
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex: return list(ex.map(fn, jobs))
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=tune_malloc) as ex: return list(ex.map(fn, jobs))
 
 def _run_job(args):
     cfg, runs_dir, threads = args
