@@ -110,7 +110,7 @@ def alignment_unit(m: int = 4, per_class: int = 10, beta: float = 1e-3) -> Calla
     "One IGR update (Theorem 4.1) of a Conv4 meta-model on `m` recovered tasks of 5 classes x `per_class` images."
     torch.manual_seed(0); model = build_model("conv4", 5, 32); teacher = build_model("conv4", 5, 32).eval()
     g = torch.Generator().manual_seed(1)
-    xs = [_channels_last(torch.rand(5 * per_class, 3, 32, 32, generator=g)) for _ in range(m)]   # as align_tasks feeds them
+    xs = [torch.rand(5 * per_class, 3, 32, 32, generator=g) for _ in range(m)]
     with torch.no_grad(): batch = [(x, torch.arange(5).repeat_interleave(per_class), teacher(x)) for x in xs]
     loss = kd_loss()
     def run():

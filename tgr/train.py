@@ -29,7 +29,7 @@ from .inversion import (AUGMENTATIONS, PRECISIONS, InversionConfig, RecoveredTas
                            recover_pool_tasks)
 from .five import MetaGenerator, five_recover
 from .grouping import task_groups, METHODS as _GROUP_METHODS
-from .replay import MemoryBank, REPLAY_SOURCES, maml_backward, _channels_last
+from .replay import MemoryBank, REPLAY_SOURCES, maml_backward
 from .evaluate import TEST_HEADS, head_rule, meta_test
 
 # %% auto 0
@@ -370,7 +370,7 @@ def align_tasks(run: TrainRun, state: TrainState, members: list[int], tasks: lis
     "One alignment step of the meta-model on the m tasks; their losses and gradient statistics."
     batch, g_aug = [], make_generator(run.cfg.seed, 17, epoch)
     for i, t in zip(members, tasks):
-        x = _channels_last(random_augment(t.x.to(run.device), run.augment, g_aug))   # faster pooling on CPU (notebook 08)
+        x = random_augment(t.x.to(run.device), run.augment, g_aug)
         with torch.no_grad(): tl = run.teacher(i)(x)
         batch.append((x, t.y.to(run.device), tl))
     state.model.train(); state.opt.zero_grad(set_to_none=True)
