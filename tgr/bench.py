@@ -19,8 +19,7 @@ from .core import TGRError, check_int, git_commit, save_json, malloc_tuned
 from .models import build_model, Generator
 from .replay import maml_backward
 from .data import FewShotDataset
-from .evaluate import _in_place_learner, _sgd_in_place, meta_test, reset_head
-from .replay import _channels_last
+from .evaluate import _in_place_learner, _sgd_in_place, _channels_last, meta_test, reset_head
 from .igr import igr_step
 from .train import kd_loss
 from .inversion import BNStatHooks, generator_forward, _check_precision

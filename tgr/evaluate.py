@@ -19,7 +19,7 @@ from .core import TGRError, check_int, check_number, get_device, progress, n_wor
 from .data import FewShotDataset, EpisodeSampler
 from .models import Classifier, build_model
 from .pool import Pool, PoolMember
-from .replay import MetaForward, adapt, batch_stat_copy, _channels_last
+from .replay import MetaForward, adapt, batch_stat_copy
 
 # %% auto 0
 __all__ = ['HEAD_INITS', 'TEST_HEADS', 'BASELINES', 'confidence_interval', 'MetaTestResult', 'meta_test', 'reset_head',
@@ -63,6 +63,9 @@ def _episodes_fingerprint(sampler: EpisodeSampler) -> str:
         cls, s, q = sampler.episode_indices(i)
         h.update(np.asarray(cls, dtype=np.int64).tobytes()); h.update(s.numpy().tobytes()); h.update(q.numpy().tobytes())
     return h.hexdigest()[:16]
+
+def _channels_last(x: Tensor) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 # %% ../nbs/10_evaluate.ipynb
 def meta_test(model: nn.Module, dataset: FewShotDataset, way: int, shot: int, query: int = 15, n_tasks: int = 600,

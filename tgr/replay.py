@@ -376,11 +376,6 @@ def _resolve_vectorize(vectorize: bool | None, tasks: list, device: torch.device
     return bool(vectorize)
 
 # %% ../nbs/08_replay.ipynb
-def _channels_last(x: Tensor) -> Tensor:
-    "A 4-d image batch in channels-last memory order (the same values); other tensors unchanged."
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-
-# %% ../nbs/08_replay.ipynb
 _LOOP_TWINS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 def _loop_twins(model: nn.Module, n: int) -> list[nn.Module]:
