@@ -97,7 +97,7 @@ class PoolMember:
         return "+".join(sorted(set(self.class_domains)))
     def model(self, device=None) -> nn.Module:
         "The member as an `nn.Module` in eval mode (BN uses its running statistics) with frozen weights."
-        m = build_model(self.arch, self.n_classes, self.img_size, self.in_ch)
+        with seeded(self.index): m = build_model(self.arch, self.n_classes, self.img_size, self.in_ch)
         m.load_state_dict(self.weights); m.eval().requires_grad_(False)
         return m.to(get_device(device))
     def to_dict(self) -> dict: return asdict(self)
