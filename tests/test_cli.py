@@ -73,6 +73,23 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert strip(full) == strip(killed)
 
 
+def test_fresh_processes_with_empty_caches_agree(tmp_path):
+    """The same seed gives the same run in two fresh processes, each building its pool, tasks and groups from an empty
+    cache, with different hash seeds and the machine's thread count (recovery runs members side by side)."""
+    runs = []
+    for k in (1, 2):
+        env = {**os.environ, "TGR_CACHE": str(tmp_path / f"cache{k}"), "PYTHONHASHSEED": str(k)}
+        r = subprocess.run(CLI + ["run", "--preset", "smoke", "--out", str(tmp_path / f"run{k}")], capture_output=True, text=True,
+                           timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs.append(tmp_path / f"run{k}")
+    a, b = (json.loads((d / "results.json").read_text()) for d in runs)
+    assert a["methods"] == b["methods"] and a["selection"] == b["selection"] and a["groups"] == b["groups"]
+    assert a["checksums"] == b["checksums"]
+    strip = lambda d: [{k: v for k, v in json.loads(l).items() if k not in ("seconds", "peak_rss_mb")} for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert strip(runs[0]) == strip(runs[1])
+
+
 def test_help_explains_presets_and_fields(capsys):
     code, out, _ = _tgr(capsys, "run", "--help")
     assert code == 0
