@@ -26,6 +26,11 @@ def _snapshot(d: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
 
 
+def _metrics(d: Path) -> list[dict]:
+    "The run's metrics.jsonl without its timings and memory readings."
+    return [{k: v for k, v in json.loads(l).items() if k not in ("seconds", "peak_rss_mb")} for l in (d / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     "A finished smoke run (subprocess, as a user runs it)."
@@ -69,8 +74,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = (json.loads((d / "results.json").read_text()) for d in (full, killed))
     assert a["methods"] == b["methods"] and a["selection"] == b["selection"]
-    strip = lambda d: [{k: v for k, v in json.loads(l).items() if k not in ("seconds", "peak_rss_mb")} for l in (d / "metrics.jsonl").read_text().splitlines()]
-    assert strip(full) == strip(killed)
+    assert _metrics(full) == _metrics(killed)
 
 
 def test_fresh_processes_with_empty_caches_agree(tmp_path):
@@ -86,8 +90,7 @@ def test_fresh_processes_with_empty_caches_agree(tmp_path):
     a, b = (json.loads((d / "results.json").read_text()) for d in runs)
     assert a["methods"] == b["methods"] and a["selection"] == b["selection"] and a["groups"] == b["groups"]
     assert a["checksums"] == b["checksums"]
-    strip = lambda d: [{k: v for k, v in json.loads(l).items() if k not in ("seconds", "peak_rss_mb")} for l in (d / "metrics.jsonl").read_text().splitlines()]
-    assert strip(runs[0]) == strip(runs[1])
+    assert _metrics(runs[0]) == _metrics(runs[1])
 
 
 def test_help_explains_presets_and_fields(capsys):
