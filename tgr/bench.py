@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from .core import TGRError, check_int, git_commit, save_json, malloc_tuned
+from .core import TGRError, check_int, git_commit, save_json, malloc_tuned, _channels_last
 from .models import build_model, Generator
 from .replay import maml_backward
 from .data import FewShotDataset
-from .evaluate import _in_place_learner, _sgd_in_place, _channels_last, meta_test, reset_head
+from .evaluate import _in_place_learner, _sgd_in_place, meta_test, reset_head
 from .igr import igr_step
 from .train import kd_loss
 from .inversion import BNStatHooks, generator_forward, _check_precision
@@ -125,13 +125,14 @@ class _ChannelMajorHooks(BNStatHooks):
         self.terms.append(torch.norm(mod.running_mean - mean, 2) + torch.norm(mod.running_var - var, 2))
 
 def _generator_setup(per_class: int, authors: bool, device):
-    "Teacher, generator, codes, labels, Adam and hooks of one recovery, the package's or the reference formulation's."
+    """Teacher, generator, codes, labels, Adam and hooks of one recovery: the package's (as `recover_task` runs it: fused Adam,
+    the teacher's input channels-last) or the reference formulation's."""
     torch.manual_seed(0); teacher = build_model("conv4", 5, 32).eval().requires_grad_(False)
     teacher = (textbook_conv4(teacher) if authors else teacher).to(device)
     G, z = Generator().to(device), torch.randn(5 * per_class, 256, device=device).requires_grad_()
     y = torch.arange(5, device=device).repeat_interleave(per_class)
-    opt, hooks = torch.optim.Adam([*G.parameters(), z], lr=1e-3), (_ChannelMajorHooks if authors else BNStatHooks)(teacher)
-    return teacher, (lambda: G(z)) if authors else (lambda: generator_forward(G, z)), y, opt, hooks
+    opt, hooks = torch.optim.Adam([*G.parameters(), z], lr=1e-3, fused=not authors), (_ChannelMajorHooks if authors else BNStatHooks)(teacher)
+    return teacher, (lambda: G(z)) if authors else (lambda: _channels_last(generator_forward(G, z))), y, opt, hooks
 
 def generator_unit(per_class: int = 6, authors: bool = False, device="cpu", precision: str = "fp32") -> Callable[[], None]:
     """One Adam step of task recovery, 5 classes x `per_class` images, Table 7 generator, Conv4 teacher with BN hooks: the package's

@@ -136,6 +136,12 @@ def malloc_tuned() -> bool:
     return _MALLOC["tuned"]
 
 # %% ../nbs/00_core.ipynb
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    "A 4-d image batch in channels-last memory order (the same values); other tensors unchanged."
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+# %% ../nbs/00_core.ipynb
 def later_field(default: Any) -> Any:
     "A dataclass field added after runs were recorded: left out of `to_jsonable` (so of keys and records) while at `default`."
     return dataclasses.field(default=default, metadata={"omit_default": True})

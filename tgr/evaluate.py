@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.func import vmap
 
-from .core import TGRError, check_int, check_number, get_device, progress, n_workers, side_by_side, seeded
+from .core import TGRError, check_int, check_number, get_device, progress, n_workers, side_by_side, seeded, _channels_last
 from .data import FewShotDataset, EpisodeSampler
 from .models import Classifier, build_model
 from .pool import Pool, PoolMember
@@ -63,11 +63,6 @@ def _episodes_fingerprint(sampler: EpisodeSampler) -> str:
         cls, s, q = sampler.episode_indices(i)
         h.update(np.asarray(cls, dtype=np.int64).tobytes()); h.update(s.numpy().tobytes()); h.update(q.numpy().tobytes())
     return h.hexdigest()[:16]
-
-# %% ../nbs/10_evaluate.ipynb
-def _channels_last(x: Tensor) -> Tensor:
-    "A 4-d image batch in channels-last memory order (the same values; faster pooling on CPU, notebook 08); other tensors unchanged."
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 # %% ../nbs/10_evaluate.ipynb
 def meta_test(model: nn.Module, dataset: FewShotDataset, way: int, shot: int, query: int = 15, n_tasks: int = 600,

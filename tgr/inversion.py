@@ -16,7 +16,7 @@ from torch import nn, Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .core import (TGRError, check_int, check_number, config_hash, make_generator, save_artifact, load_artifact, is_valid_artifact,
-                      seeded, side_by_side, get_device, progress, cache_dir, later_field)
+                      seeded, side_by_side, get_device, progress, cache_dir, later_field, _channels_last)
 from .models import Generator
 
 # %% auto 0
@@ -88,15 +88,16 @@ def _fusable(G: nn.Module) -> bool:
 # %% ../nbs/04_inversion.ipynb
 def generator_forward(G: Generator, z: Tensor, fused: bool = True) -> Tensor:
     """`G(z)` with each upsample + 3x3 conv pair run as one stride-2 transposed conv (same function, 2.25x fewer
-    multiply-adds in those layers); plain `G(z)` when `fused` is False or the layout does not allow it."""
+    multiply-adds in those layers) on channels-last activations; plain `G(z)` when `fused` is False or the layout does not
+    allow it. The images come back in PyTorch's default memory order either way."""
     if not (fused and _fusable(G)): return G(z)
     b = G.body
-    x = b.bn0(G.fc(z).view(z.shape[0], 2 * G.ngf, G.init_size, G.init_size))
+    x = _channels_last(b.bn0(G.fc(z).view(z.shape[0], 2 * G.ngf, G.init_size, G.init_size)))
     x = F.conv_transpose2d(x, upsample_conv_as_transpose(b.conv1.weight), b.conv1.bias, stride=2, padding=1)
     x = b.act1(b.bn1(x))
     x = F.conv_transpose2d(x, upsample_conv_as_transpose(b.conv2.weight), b.conv2.bias, stride=2, padding=1)
     x = b.act2(b.bn2(x))
-    return b.out(b.conv3(x))
+    return b.out(b.conv3(x)).contiguous()
 
 # %% ../nbs/04_inversion.ipynb
 AUGMENTATIONS = ("none", "affine", "affine+flip")
@@ -151,7 +152,7 @@ def inversion_loop(G: nn.Module, z: Tensor, loss_fn: Callable, steps: int, opt: 
         ts, last = time.perf_counter(), step == steps
         with torch.set_grad_enabled(not last or then_grad):
             with low: x = generator_forward(G, z, fused).float()
-            xa = random_augment(x, augment, g_aug)                       # the sampling grid in fp32
+            xa = _channels_last(random_augment(x, augment, g_aug))       # the sampling grid in fp32; the teacher's input channels-last
             with low: total, terms = loss_fn(xa, step)
         if not math.isfinite(terms["total"]): raise TGRError(f"{what} became {terms['total']} at step {step}; {fix}")
         for k, v in terms.items(): tr.losses.setdefault(k, []).append(v)
@@ -277,7 +278,7 @@ def recover_task(teacher: nn.Module, n_classes: int, cfg: InversionConfig | str 
             l_bn = hooks.pop() if use_bn else logits.new_zeros(()); hooks.terms.clear()
             total = l_ce + cfg.bn_weight * l_bn
             return total, {"total": total.item(), "ce": l_ce.item(), "bn": l_bn.item()}
-        tr = inversion_loop(G, z, loss_fn, cfg.steps, torch.optim.Adam([*G.parameters(), z], lr=cfg.lr), augment=cfg.augment,
+        tr = inversion_loop(G, z, loss_fn, cfg.steps, torch.optim.Adam([*G.parameters(), z], lr=cfg.lr, fused=True), augment=cfg.augment,
                             g_aug=make_generator(cfg.seed, key, 13), fused=fused, show_progress=show_progress, precision=cfg.precision,
                             fix=f"lower lr (now {cfg.lr}) or bn_weight (now {cfg.bn_weight})")
     made = dict(n_classes=n_classes, per_class=cfg.per_class, steps=cfg.steps, img_size=img_size, in_ch=in_ch, lr=cfg.lr, z_dim=z_dim,
