@@ -20,7 +20,7 @@ from .core import (TGRError, check_int, check_number, config_hash, make_generato
 from .models import Generator
 
 # %% auto 0
-__all__ = ['AUGMENTATIONS', 'PRECISIONS', 'INVERSION_PRESETS', 'eval_frozen', 'bn_layers', 'BNStatHooks',
+__all__ = ['AUGMENTATIONS', 'PRECISIONS', 'INVERSION_PRESETS', 'RECOVERY_VERSION', 'eval_frozen', 'bn_layers', 'BNStatHooks',
            'upsample_conv_as_transpose', 'generator_forward', 'random_augment', 'default_augment', 'InversionTrace',
            'inversion_loop', 'RecoveredTask', 'InversionConfig', 'inversion_config', 'recover_task',
            'member_fingerprint', 'pool_fingerprint', 'task_key', 'recover_member', 'recover_members',
@@ -300,9 +300,11 @@ def pool_fingerprint(pool) -> str:
     "Identity of a whole pool: a hash of its members' fingerprints, in order."
     return config_hash([member_fingerprint(m) for m in pool], n=16)
 
+RECOVERY_VERSION = 2   # raised whenever the package's recovery computes different images from the same settings
+
 def task_key(member, cfg: InversionConfig) -> str:
-    "Cache key of the task recovered from `member` with `cfg`: member content, member index, settings."
-    return config_hash({"member": member_fingerprint(member), "index": member.index, "inversion": cfg})
+    "Cache key of the task recovered from `member` with `cfg`: member content, member index, settings, `RECOVERY_VERSION`."
+    return config_hash({"member": member_fingerprint(member), "index": member.index, "inversion": cfg, "recovery": RECOVERY_VERSION})
 
 # %% ../nbs/04_inversion.ipynb
 def recover_member(member, cfg: InversionConfig | str | None = None, device=None, show_progress: bool = False) -> RecoveredTask:
