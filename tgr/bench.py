@@ -22,7 +22,7 @@ from .data import FewShotDataset
 from .evaluate import _in_place_learner, _sgd_in_place, meta_test, reset_head
 from .igr import igr_step
 from .train import kd_loss
-from .inversion import BNStatHooks, generator_forward, _check_precision
+from .inversion import BNStatHooks, generator_forward, fused_adam, _check_precision
 
 # %% auto 0
 __all__ = ['GEN_30', 'GEN_30_REF', 'GEN_30_BF16', 'time_unit', 'count_flops', 'textbook_conv4', 'episode_unit', 'plain_episode',
@@ -131,7 +131,8 @@ def _generator_setup(per_class: int, authors: bool, device):
     teacher = (textbook_conv4(teacher) if authors else teacher).to(device)
     G, z = Generator().to(device), torch.randn(5 * per_class, 256, device=device).requires_grad_()
     y = torch.arange(5, device=device).repeat_interleave(per_class)
-    opt, hooks = torch.optim.Adam([*G.parameters(), z], lr=1e-3, fused=not authors), (_ChannelMajorHooks if authors else BNStatHooks)(teacher)
+    opt = torch.optim.Adam([*G.parameters(), z], lr=1e-3) if authors else fused_adam([*G.parameters(), z], 1e-3)
+    hooks = (_ChannelMajorHooks if authors else BNStatHooks)(teacher)
     return teacher, (lambda: G(z)) if authors else (lambda: _channels_last(generator_forward(G, z))), y, opt, hooks
 
 def generator_unit(per_class: int = 6, authors: bool = False, device="cpu", precision: str = "fp32") -> Callable[[], None]:

@@ -15,7 +15,7 @@ from torch import nn, Tensor
 
 from .core import TGRError, check_int, check_number, make_generator, get_device, progress, peak_memory_mb, seeded
 from .models import Generator, build_model
-from .inversion import (AUGMENTATIONS, RecoveredTask, BNStatHooks, InversionTrace, bn_layers, eval_frozen, inversion_loop,
+from .inversion import (AUGMENTATIONS, RecoveredTask, BNStatHooks, InversionTrace, bn_layers, eval_frozen, inversion_loop, fused_adam,
                            generator_forward)
 from .replay import MetaForward
 
@@ -61,7 +61,7 @@ def generator_loss(teacher_logits: Tensor, y: Tensor, student_logits: Tensor | N
 
 # %% ../nbs/04a_five.ipynb
 OPTIMIZERS: dict[str, Callable] = {
-    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr, fused=True),   # one pass per parameter (notebook 13)
+    "adam": fused_adam,
     "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
 }
 

@@ -22,7 +22,7 @@ from .models import Generator
 # %% auto 0
 __all__ = ['AUGMENTATIONS', 'PRECISIONS', 'INVERSION_PRESETS', 'RECOVERY_VERSION', 'eval_frozen', 'bn_layers', 'BNStatHooks',
            'upsample_conv_as_transpose', 'generator_forward', 'random_augment', 'default_augment', 'InversionTrace',
-           'inversion_loop', 'RecoveredTask', 'InversionConfig', 'inversion_config', 'recover_task',
+           'inversion_loop', 'RecoveredTask', 'InversionConfig', 'inversion_config', 'fused_adam', 'recover_task',
            'member_fingerprint', 'pool_fingerprint', 'task_key', 'recover_member', 'recover_members',
            'recover_pool_tasks', 'benchmark_recovery']
 
@@ -255,6 +255,14 @@ def _start(cfg: InversionConfig, key: int, n: int, img_size: int, in_ch: int, ge
     return G, torch.randn(n, z_dim, generator=g), z_dim, ngf
 
 # %% ../nbs/04_inversion.ipynb
+def fused_adam(params, lr: float) -> torch.optim.Adam:
+    "Adam with the fused update (one pass over each parameter, notebook 13); the plain update where this torch build lacks it."
+    params = list(params)
+    try: return torch.optim.Adam(params, lr=lr, fused=True)      # CPU since torch 2.4, CUDA since 2.0
+    except RuntimeError: return torch.optim.Adam(params, lr=lr)
+
+
+# %% ../nbs/04_inversion.ipynb
 def recover_task(teacher: nn.Module, n_classes: int, cfg: InversionConfig | str | dict | None = None, *, img_size: int = 32,
                  in_ch: int = 3, member_index: int | None = None, classes: Sequence[int] | None = None, fused: bool = True,
                  device=None, show_progress: bool = False, generator: nn.Module | None = None, **settings) -> RecoveredTask:
@@ -278,7 +286,7 @@ def recover_task(teacher: nn.Module, n_classes: int, cfg: InversionConfig | str 
             l_bn = hooks.pop() if use_bn else logits.new_zeros(()); hooks.terms.clear()
             total = l_ce + cfg.bn_weight * l_bn
             return total, {"total": total.item(), "ce": l_ce.item(), "bn": l_bn.item()}
-        tr = inversion_loop(G, z, loss_fn, cfg.steps, torch.optim.Adam([*G.parameters(), z], lr=cfg.lr, fused=True), augment=cfg.augment,
+        tr = inversion_loop(G, z, loss_fn, cfg.steps, fused_adam([*G.parameters(), z], cfg.lr), augment=cfg.augment,
                             g_aug=make_generator(cfg.seed, key, 13), fused=fused, show_progress=show_progress, precision=cfg.precision,
                             fix=f"lower lr (now {cfg.lr}) or bn_weight (now {cfg.bn_weight})")
     made = dict(n_classes=n_classes, per_class=cfg.per_class, steps=cfg.steps, img_size=img_size, in_ch=in_ch, lr=cfg.lr, z_dim=z_dim,
