@@ -1,15 +1,16 @@
 """The GPU check of `tgr`, one short script for a machine with CUDA (about 3-5 minutes on one GPU):
 
 1. the smoke preset end to end on CUDA (`tgr run --preset smoke device=cuda`), its wall time and peak GPU memory;
-2. CPU and CUDA agree on a meta-test (same model, same seeded episodes) within float tolerance, and a replay
-   meta-gradient from the CUDA `vmap` path agrees with the CPU loop;
+2. CPU and CUDA agree on a meta-test (same model, same seeded episodes) within float tolerance, a replay
+   meta-gradient from the CUDA `vmap` path agrees with the CPU loop, and a short task recovery (channels-last
+   generator, fused Adam) gives the same losses and images;
 3. the units of `tgr bench` timed on CUDA (synchronised), written with the CPU record format to `--out`.
 
     python .ci/gpu_check.py --out results/bench_cuda.json
 
 Exits non-zero, with the reason, if CUDA is missing or a check fails.
 """
-import argparse, os, platform, sys, tempfile, time
+import argparse, copy, os, platform, sys, tempfile, time
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,6 +60,19 @@ def cpu_cuda_agree() -> dict:
     return out
 
 
+def recovery_agree() -> dict:
+    "Three Adam steps of task recovery (Table 7 generator, untrained Conv4 teacher) on CPU and on the device: same losses and images."
+    from tgr.inversion import recover_task
+    from tgr.models import build_model
+    torch.manual_seed(0); teacher = build_model("conv4", 5, 32).eval()
+    runs = {dev: recover_task(copy.deepcopy(teacher).to(dev), 5, per_class=4, steps=3, ngf=32, device=dev) for dev in ("cpu", DEV)}
+    a, b = runs["cpu"], runs[DEV]
+    out = {"recovery_loss_relative_difference": max(abs(x - y) / abs(x) for x, y in zip(a.losses["total"], b.losses["total"])),
+           "recovery_image_max_difference": float((a.x - b.x).abs().max()), "best_steps": [a.best_step, b.best_step]}
+    assert out["recovery_loss_relative_difference"] < 1e-3 and out["recovery_image_max_difference"] < 1e-2, out
+    return out
+
+
 def units_on_cuda() -> dict:
     from tgr.bench import episode_unit, plain_episode, replay_unit, generator_unit, count_flops, time_unit
     rows = {}
@@ -88,7 +102,7 @@ def main():
            "commit": git_commit(), "cuda": torch.version.cuda}
     with tempfile.TemporaryDirectory() as d:
         os.environ.setdefault("TGR_CACHE", str(Path(d)/"cache"))
-        t0 = time.perf_counter(); rec["agreement"] = cpu_cuda_agree(); print(f"CPU/{DEV} agreement:", rec["agreement"], flush=True)
+        t0 = time.perf_counter(); rec["agreement"] = {**cpu_cuda_agree(), **recovery_agree()}; print(f"CPU/{DEV} agreement:", rec["agreement"], flush=True)
         rec["units"] = units_on_cuda()
         for k, v in rec["units"].items(): print(f"{k:60s} {1000 * v['median_s']:8.2f} ms {v['gflop_per_s']:8.1f} GFLOP/s", flush=True)
         rec["smoke"] = smoke_on_cuda(Path(d)); print(f"smoke preset on {DEV}:", rec["smoke"], flush=True)
