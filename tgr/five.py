@@ -164,7 +164,7 @@ class MetaGenerator:
         check_int("n_classes", n_classes); check_int("per_class", per_class)
         z = _latent(seed, member_index, n_classes * per_class, self.cfg.z_dim).to(self.device)
         G = copy.deepcopy(self.generator).train()               # a copy: the BN running statistics stay as they are
-        return generator_forward(G, z, self.cfg.fused).cpu()
+        return generator_forward(G, z, self.cfg.fused).contiguous().cpu()
 
 # %% ../nbs/04a_five.ipynb
 @patch

@@ -88,8 +88,8 @@ def _fusable(G: nn.Module) -> bool:
 # %% ../nbs/04_inversion.ipynb
 def generator_forward(G: Generator, z: Tensor, fused: bool = True) -> Tensor:
     """`G(z)` with each upsample + 3x3 conv pair run as one stride-2 transposed conv (same function, 2.25x fewer
-    multiply-adds in those layers) on channels-last activations; plain `G(z)` when `fused` is False or the layout does not
-    allow it. The images come back in PyTorch's default memory order either way."""
+    multiply-adds in those layers); plain `G(z)` when `fused` is False or the layout does not allow it. The activations,
+    and so the images, are channels-last (the teacher's layout in `inversion_loop`; `.contiguous()` gives the default one)."""
     if not (fused and _fusable(G)): return G(z)
     b = G.body
     x = _channels_last(b.bn0(G.fc(z).view(z.shape[0], 2 * G.ngf, G.init_size, G.init_size)))
@@ -97,7 +97,7 @@ def generator_forward(G: Generator, z: Tensor, fused: bool = True) -> Tensor:
     x = b.act1(b.bn1(x))
     x = F.conv_transpose2d(x, upsample_conv_as_transpose(b.conv2.weight), b.conv2.bias, stride=2, padding=1)
     x = b.act2(b.bn2(x))
-    return b.out(b.conv3(x)).contiguous()
+    return b.out(b.conv3(x))
 
 # %% ../nbs/04_inversion.ipynb
 AUGMENTATIONS = ("none", "affine", "affine+flip")
