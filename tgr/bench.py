@@ -126,14 +126,14 @@ class _ChannelMajorHooks(BNStatHooks):
 
 def _generator_setup(per_class: int, authors: bool, device):
     """Teacher, generator, codes, labels, Adam and hooks of one recovery: the package's (as `recover_task` runs it: fused Adam,
-    the teacher's input channels-last) or the reference formulation's."""
+    the generator's channels-last images straight into the teacher) or the reference formulation's."""
     torch.manual_seed(0); teacher = build_model("conv4", 5, 32).eval().requires_grad_(False)
     teacher = (textbook_conv4(teacher) if authors else teacher).to(device)
     G, z = Generator().to(device), torch.randn(5 * per_class, 256, device=device).requires_grad_()
     y = torch.arange(5, device=device).repeat_interleave(per_class)
     opt = torch.optim.Adam([*G.parameters(), z], lr=1e-3) if authors else fused_adam([*G.parameters(), z], 1e-3)
     hooks = (_ChannelMajorHooks if authors else BNStatHooks)(teacher)
-    return teacher, (lambda: G(z)) if authors else (lambda: _channels_last(generator_forward(G, z))), y, opt, hooks
+    return teacher, (lambda: G(z)) if authors else (lambda: generator_forward(G, z)), y, opt, hooks
 
 def generator_unit(per_class: int = 6, authors: bool = False, device="cpu", precision: str = "fp32") -> Callable[[], None]:
     """One Adam step of task recovery, 5 classes x `per_class` images, Table 7 generator, Conv4 teacher with BN hooks: the package's
