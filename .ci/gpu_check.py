@@ -4,7 +4,10 @@
 2. CPU and CUDA agree on a meta-test (same model, same seeded episodes) within float tolerance, a replay
    meta-gradient from the CUDA `vmap` path agrees with the CPU loop, and a short task recovery (channels-last
    generator, fused Adam) gives the same losses and images;
-3. the units of `tgr bench` timed on CUDA (synchronised), written with the CPU record format to `--out`.
+3. the units of `tgr bench` timed on CUDA (synchronised), `meta_test` itself included, written with the CPU record format to `--out`;
+4. last, whether `torch.compile` pays for meta-testing on CUDA: one `vmap` batch of 8 first-order 5w1s episodes (`meta_test`'s
+   CUDA path), eager against compiled, with the compile time (on a 2-core CPU: 170 s to compile, then 231 ms against 597 ms eager).
+   The record is written before this step and again after it, so a run stopped while compiling keeps everything else.
 
     python .ci/gpu_check.py --out results/bench_cuda.json
 
@@ -74,9 +77,10 @@ def recovery_agree() -> dict:
 
 
 def units_on_cuda() -> dict:
-    from tgr.bench import episode_unit, plain_episode, replay_unit, generator_unit, count_flops, time_unit
+    from tgr.bench import episode_unit, plain_episode, meta_test_unit, replay_unit, generator_unit, count_flops, time_unit
     rows = {}
     units = {"meta-test episode 5w1s (tgr)": episode_unit(1, device=DEV), "meta-test episode 5w1s (plain PyTorch)": plain_episode(1, device=DEV),
+             "meta_test, 16 episodes 5w1s": meta_test_unit(1, device=DEV), "meta_test, 16 episodes 5w5s": meta_test_unit(5, device=DEV),
              "replay, 4 tasks 5w1s (second order, 5 steps; vmap on CUDA)": replay_unit(device=DEV),
              "generator step, 30 images (tgr)": generator_unit(6, device=DEV),
              "generator step, 30 images (reference formulation)": generator_unit(6, authors=True, device=DEV),
@@ -89,10 +93,32 @@ def units_on_cuda() -> dict:
     return rows
 
 
+def compiled_meta_test(n_episodes: int = 8) -> dict:
+    "Eager against `torch.compile`d: one vmap batch of first-order 5w1s episodes as `meta_test` runs them on CUDA. Never raises."
+    from torch.func import vmap
+    from tgr.bench import _episode_data, _scored_conv4, time_unit
+    from tgr.replay import MetaForward, adapt
+    model = _scored_conv4(DEV); f = MetaForward(model); p0 = {k: p.detach() for k, p in model.named_parameters()}
+    xs, ys, xq, yq = (torch.stack(z) for z in zip(*[_episode_data(1, seed=i, device=DEV) for i in range(n_episodes)]))
+    def run_task(xs, ys, xq, yq):
+        return (f(adapt(f, p0, xs, ys, 10, 0.01, first_order=True), xq).argmax(-1) == yq).sum()
+    eager, out = vmap(run_task), {"episodes_per_batch": n_episodes}
+    try:
+        compiled = torch.compile(eager)
+        t0 = time.perf_counter(); c = compiled(xs, ys, xq, yq); sync(); out["compile_s"] = round(time.perf_counter() - t0, 1)
+        out["largest_correct_difference"] = int((c - eager(xs, ys, xq, yq)).abs().max())     # of 75 queries: a flip is rounding
+        for name, fn in (("eager", eager), ("compiled", compiled)):
+            out[f"{name}_ms_per_batch"] = round(1000 * time_unit(lambda: (fn(xs, ys, xq, yq), sync()), reps=10)["median_s"], 2)
+    except Exception as e:                      # a missing compiler or an unsupported op is a finding, not a failed check
+        out["error"] = f"{type(e).__name__}: {e}"[:500]
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results/bench_cuda.json")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: try the script's plumbing without a GPU")
+    ap.add_argument("--skip-compile", action="store_true", help="leave out step 4 (minutes of compilation)")
     a = ap.parse_args()
     global DEV; DEV = a.device
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # float32 on both sides of the comparison
@@ -107,7 +133,10 @@ def main():
         for k, v in rec["units"].items(): print(f"{k:60s} {1000 * v['median_s']:8.2f} ms {v['gflop_per_s']:8.1f} GFLOP/s", flush=True)
         rec["smoke"] = smoke_on_cuda(Path(d)); print(f"smoke preset on {DEV}:", rec["smoke"], flush=True)
         rec["check_seconds"] = round(time.perf_counter() - t0, 1)
-    save_json(rec, a.out); print("wrote", a.out)
+        save_json(rec, a.out); print("wrote", a.out, flush=True)
+        if not a.skip_compile:
+            rec["compile"] = compiled_meta_test(); print("torch.compile of meta-testing:", rec["compile"], flush=True)
+            save_json(rec, a.out); print("wrote", a.out)
 
 
 if __name__ == "__main__":

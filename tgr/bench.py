@@ -89,12 +89,13 @@ def plain_episode(shot: int, steps: int = 10, lr: float = 0.01, device="cpu") ->
     return run
 
 # %% ../nbs/13_bench.ipynb
-def meta_test_unit(shot: int, n_tasks: int = 16) -> Callable[[], object]:
-    "`meta_test` itself on `n_tasks` episodes of a random 10-class dataset: with several torch threads, episodes run side by side."
+def meta_test_unit(shot: int, n_tasks: int = 16, device=None) -> Callable[[], object]:
+    """`meta_test` itself on `n_tasks` episodes of a random 10-class dataset, on `device` (`meta_test`'s default: CUDA when present):
+    on CPU with several torch threads, episodes run side by side; on CUDA, `task_batch` of them at once under `vmap`."""
     model = _scored_conv4()
     ds = FewShotDataset(torch.arange(10).repeat_interleave(20), [str(c) for c in range(10)], ["random"] * 10,
                         images=torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
-    return lambda: meta_test(model, ds, 5, shot, n_tasks=n_tasks, show_progress=False)
+    return lambda: meta_test(model, ds, 5, shot, n_tasks=n_tasks, device=device, show_progress=False)
 
 def replay_unit(n_tasks: int = 4, steps: int = 5, device="cpu") -> Callable[[], None]:
     "One replay step: second-order MAML over `n_tasks` 5-way 1-shot tasks with 15 queries, forward and backward (`maml_backward`)."
