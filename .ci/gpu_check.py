@@ -1,4 +1,4 @@
-"""The GPU check of `tgr`, one short script for a machine with CUDA (about 3-5 minutes on one GPU):
+"""The GPU check of `tgr`, one short script for a machine with CUDA (about 3-5 minutes on one GPU, plus step 4's compilation):
 
 1. the smoke preset end to end on CUDA (`tgr run --preset smoke device=cuda`), its wall time and peak GPU memory;
 2. CPU and CUDA agree on a meta-test (same model, same seeded episodes) within float tolerance, a replay
@@ -10,6 +10,9 @@
    The record is written before this step and again after it, so a run stopped while compiling keeps everything else.
 
     python .ci/gpu_check.py --out results/bench_cuda.json
+
+On a machine lent for a few minutes, write the record where the lender returns files from (e.g. `--out $OUT/bench_cuda.json`):
+it is written after step 3 and again after step 4, so a run stopped by a time limit still returns steps 1-3.
 
 Exits non-zero, with the reason, if CUDA is missing or a check fails.
 """
