@@ -7,7 +7,6 @@
 3. the units of `tgr bench` timed on CUDA (synchronised), `meta_test` itself included, written with the CPU record format to `--out`;
 4. last, whether `torch.compile` pays for meta-testing on CUDA: one `vmap` batch of 8 first-order 5w1s episodes (`meta_test`'s
    CUDA path), eager against compiled, with the compile time (on a 2-core CPU: 170 s to compile, then 231 ms against 597 ms eager).
-   The record is written before this step and again after it, so a run stopped while compiling keeps everything else.
 
     python .ci/gpu_check.py --out results/bench_cuda.json
 
